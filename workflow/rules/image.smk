@@ -1,0 +1,33 @@
+rule build_image:
+    input:
+        source=rules.clone_source.output.source,
+    output:
+        receipt=f"{RESULTS}/{{name}}/{{sha}}/image.json",
+    params:
+        tag=get_image_tag,
+        labels=get_image_labels,
+        subdir=lambda wildcards: get_build(wildcards).repository.subdir,
+        user_name=settings.user_name,
+        user_id=settings.user_id,
+        extra_args=settings.repo2docker_args,
+    log:
+        get_step_log("build_image"),
+    benchmark:
+        get_step_benchmark("build_image")
+    localrule: True
+    script:
+        f"{SCRIPTS}/image.py"
+
+
+rule save_image:
+    input:
+        receipt=rules.build_image.output.receipt,
+    output:
+        tarball=temp(f"{RESULTS}/{{name}}/{{sha}}/image.tar"),
+    log:
+        get_step_log("save_image"),
+    benchmark:
+        get_step_benchmark("save_image")
+    localrule: True
+    script:
+        f"{SCRIPTS}/image.py"

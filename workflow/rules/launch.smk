@@ -1,0 +1,47 @@
+rule launch_jupyter:
+    input:
+        sandbox=rules.unpack_sandbox.output.sandbox,
+        receipt=rules.build_image.output.receipt,
+    output:
+        connection=f"{RESULTS}/{{name}}/{{sha}}/launch.json",
+    params:
+        runtime=settings.runtime,
+        server_log=f"{RESULTS}/{{name}}/{{sha}}/logs/jupyter-server.log",
+        jupyter_command=settings.jupyter_command,
+        timeout=settings.launch_timeout,
+        writable=settings.launch_writable,
+    log:
+        get_step_log("launch_jupyter"),
+    benchmark:
+        get_step_benchmark("launch_jupyter")
+    script:
+        f"{SCRIPTS}/jupyter.py"
+
+
+rule launch:
+    input:
+        get_targets("{results}/{name}/{sha}/launch.json"),
+    default_target: True
+
+
+rule stop:
+    params:
+        names=list(settings.builds),
+    localrule: True
+    run:
+        import jupyter
+
+        for connection_file, was_running in jupyter.stop_all(RESULTS, params.names):
+            state = "stopped" if was_running else "was no longer running"
+            print(f"{connection_file.parent}: Jupyter {state}", file=sys.stderr)
+
+
+onsuccess:
+    # only where this run resolved refs: `stop` and `--lint` must not touch the network
+    if get_resolved_builds.cache_info().currsize:
+        import jupyter
+
+        for build in get_resolved_builds():
+            connection_file = Path(RESULTS, build.name, build.sha, "launch.json")
+            if connection_file.exists():
+                print(jupyter.connection_message(connection_file))

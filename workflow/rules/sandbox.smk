@@ -1,0 +1,19 @@
+rule unpack_sandbox:
+    input:
+        sif=rules.build_sif.output.sif,
+        checksum=rules.build_sif.output.checksum,
+    output:
+        sandbox=directory(f"{RESULTS}/{{name}}/{{sha}}/sandbox"),
+    params:
+        runtime=settings.runtime,
+    log:
+        get_step_log("unpack_sandbox"),
+    benchmark:
+        get_step_benchmark("unpack_sandbox")
+    script:
+        f"{SCRIPTS}/runtime.py"
+
+
+rule sandbox:
+    input:
+        get_targets("{results}/{name}/{sha}/sandbox"),

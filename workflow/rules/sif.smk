@@ -1,0 +1,21 @@
+rule build_sif:
+    input:
+        tarball=rules.save_image.output.tarball,
+    output:
+        sif=f"{RESULTS}/{{name}}/{{sha}}/{{name}}.sif",
+        checksum=f"{RESULTS}/{{name}}/{{sha}}/{{name}}.sif.sha256",
+    params:
+        runtime=settings.runtime,
+        compression=settings.sif_compression,
+    log:
+        get_step_log("build_sif"),
+    benchmark:
+        get_step_benchmark("build_sif")
+    localrule: True
+    script:
+        f"{SCRIPTS}/runtime.py"
+
+
+rule build:
+    input:
+        get_targets("{results}/{name}/{sha}/{name}.sif"),

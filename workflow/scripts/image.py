@@ -1,0 +1,130 @@
+"""Rules build_image and save_image: repo2docker builds the Docker image, docker save writes it
+to a tarball for the runtime to convert."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from steps import StepError, run_logged, temporary_sibling, write_json_atomic
+
+LABEL_PREFIX = "repo2singularity"
+
+
+def image_labels(display_url, ref, sha, subdir=""):
+    """Provenance that survives into the SIF: repo2docker's own labels and ours."""
+    labels = {
+        "repo2docker.repo": display_url,
+        "repo2docker.ref": sha,
+        f"{LABEL_PREFIX}.repo": display_url,
+        f"{LABEL_PREFIX}.ref": ref,
+        f"{LABEL_PREFIX}.sha": sha,
+    }
+    if subdir:
+        labels[f"{LABEL_PREFIX}.subdir"] = subdir
+    return labels
+
+
+def default_user_id():
+    uid = os.getuid()
+    return uid if uid != 0 else 1000
+
+
+def repo2docker_command(source, tag, labels, user_name, user_id, subdir="", extra_args=()):
+    command = [
+        "repo2docker",
+        "--no-run",
+        "--image-name",
+        tag,
+        "--user-name",
+        user_name,
+        "--user-id",
+        str(user_id),
+    ]
+    for key, value in labels.items():
+        command += ["--label", f"{key}={value}"]
+    if subdir:
+        command += ["--subdir", subdir]
+    command += list(extra_args)
+    # "--" keeps a source path from ever being read as an option
+    return command + ["--", str(source)]
+
+
+def repo2docker_version():
+    result = subprocess.run(["repo2docker", "--version"], capture_output=True, text=True, check=True)
+    return result.stdout.strip()
+
+
+def inspect_image(tag):
+    result = subprocess.run(["docker", "image", "inspect", tag], capture_output=True, text=True)
+    if result.returncode != 0:
+        return None
+    return json.loads(result.stdout)[0]
+
+
+def working_folder(image_config):
+    """Where the repository lives in the image: repo2docker's REPO_DIR, else WORKDIR."""
+    for item in image_config.get("Env") or []:
+        key, _, value = item.partition("=")
+        if key == "REPO_DIR" and value:
+            return value
+    return image_config.get("WorkingDir") or "/"
+
+
+def build_image(source, tag, labels, receipt, log, user_name, user_id, subdir="", extra_args=()):
+    command = repo2docker_command(source, tag, labels, user_name, user_id or default_user_id(), subdir, extra_args)
+    run_logged(command, log, "build_image (repo2docker)")
+    details = inspect_image(tag)
+    if details is None:
+        raise StepError(f"repo2docker finished but Docker has no image {tag}")
+    config = details.get("Config") or {}
+    write_json_atomic(
+        receipt,
+        {
+            "image_id": details["Id"],
+            "tag": tag,
+            "repo2docker_version": repo2docker_version(),
+            "labels": config.get("Labels") or {},
+            "working_folder": working_folder(config),
+            "created": details.get("Created"),
+            "size_bytes": details.get("Size"),
+        },
+    )
+
+
+def save_image(receipt, tarball, log):
+    image = json.loads(Path(receipt).read_text())
+    details = inspect_image(image["tag"])
+    if details is None or details["Id"] != image["image_id"]:
+        raise StepError(
+            f"Docker no longer has image {image['tag']} ({image['image_id'][:19]}) named in {receipt}; "
+            "rebuild it with: snakemake --forcerun build_image"
+        )
+    partial = temporary_sibling(tarball, ".tar")
+    try:
+        run_logged(["docker", "save", "--output", str(partial), image["tag"]], log, "save_image (docker save)")
+        os.replace(partial, tarball)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+if "snakemake" in globals():
+    from steps import main
+
+    if snakemake.rule == "build_image":
+        main(
+            "build_image",
+            lambda: build_image(
+                snakemake.input.source,
+                snakemake.params.tag,
+                snakemake.params.labels,
+                snakemake.output.receipt,
+                snakemake.log[0],
+                snakemake.params.user_name,
+                snakemake.params.user_id,
+                snakemake.params.subdir,
+                snakemake.params.extra_args,
+            ),
+        )
+    else:
+        main("save_image", lambda: save_image(snakemake.input.receipt, snakemake.output.tarball, snakemake.log[0]))

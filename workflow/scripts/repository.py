@@ -1,0 +1,284 @@
+"""Repositories: check what the user gave, resolve a ref to its commit, clone that commit.
+
+Every git call gets an argument list with `--` before user input, and an environment that
+allows only transports that do not run commands, so a hostile URL or ref cannot become an
+option or a program.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+
+ALLOWED_SCHEMES = ("https", "http", "ssh", "git", "file")
+GIT_TIMEOUT_SECONDS = 120
+SHA_PATTERN = re.compile(r"[0-9a-f]{40}")
+SHORT_SHA_PATTERN = re.compile(r"[0-9a-f]{4,40}")
+SCP_LIKE_PATTERN = re.compile(r"^(?P<user>[^@/:]+@)?(?P<host>[^/:]+):(?P<path>.+)$")
+# git's own rules for ref names (git-check-ref-format), less the ones git itself enforces later
+FORBIDDEN_REF_PARTS = ("..", "@{", "\\", "//")
+FORBIDDEN_REF_CHARS = set(" ~^:?*[")
+
+
+class RepositoryError(Exception):
+    """A problem with a repository or ref, told in one line."""
+
+
+def git_environment():
+    env = dict(os.environ)
+    env.update(
+        {
+            # `ext::` and `fd::` run commands; only plain transports are allowed
+            "GIT_ALLOW_PROTOCOL": "file:git:http:https:ssh",
+            "GIT_TERMINAL_PROMPT": "0",
+            "GIT_ASKPASS": "true",
+            "SSH_ASKPASS": "true",
+            "GCM_INTERACTIVE": "never",
+            "LC_ALL": "C",
+        }
+    )
+    return env
+
+
+def has_control_characters(text):
+    return any(ord(c) < 32 or ord(c) == 127 for c in text)
+
+
+def redact_url(url):
+    """The URL without user name or password, fit for logs, labels and names."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme and "@" in parsed.netloc:
+        host = parsed.netloc.rsplit("@", 1)[1]
+        return urllib.parse.urlunsplit(parsed._replace(netloc=host))
+    return url
+
+
+@dataclass(frozen=True)
+class Repository:
+    """Where to fetch from, and which folder of it to build."""
+
+    url: str
+    subdir: str = ""
+
+    @property
+    def display_url(self):
+        return redact_url(self.url)
+
+
+def check_repository(spec, subdir="", base_dir="."):
+    """Validate a repository given by the user; local folders become absolute paths.
+
+    A local folder inside a git work tree stands for that repository with the folder as
+    subdir, so `repo=path/in/a/repo` builds that folder from the committed tree.
+    """
+    spec = str(spec)
+    subdir = str(subdir or "").strip("/")
+    if not spec:
+        raise RepositoryError("repository is empty")
+    if has_control_characters(spec):
+        raise RepositoryError("repository contains control characters")
+    if spec.startswith("-"):
+        raise RepositoryError(f"repository may not start with '-': {spec!r}")
+    check_subdir(subdir)
+    scheme = urllib.parse.urlsplit(spec).scheme
+    if "::" in spec.split("/", 1)[0]:
+        raise RepositoryError(
+            f"git transport '{spec.split('::', 1)[0]}::' is not allowed (it runs commands)"
+        )
+    if "://" in spec:
+        if scheme.lower() not in ALLOWED_SCHEMES:
+            raise RepositoryError(
+                f"URL scheme '{scheme}' is not allowed; use one of {', '.join(ALLOWED_SCHEMES)}"
+            )
+        return Repository(spec, subdir)
+    local = Path(base_dir, spec)
+    if local.is_dir():
+        return local_repository(local, subdir)
+    if SCP_LIKE_PATTERN.match(spec) and not spec.startswith(("/", ".")):
+        return Repository(spec, subdir)
+    raise RepositoryError(f"repository not found: {spec} is neither a URL nor a folder")
+
+
+def local_repository(folder, subdir):
+    folder = folder.resolve()
+    result = subprocess.run(
+        ["git", "-C", str(folder), "rev-parse", "--show-toplevel"],
+        capture_output=True,
+        text=True,
+        env=git_environment(),
+    )
+    if result.returncode != 0:
+        raise RepositoryError(f"repository not found: {folder} is not in a git repository")
+    top = Path(result.stdout.strip()).resolve()
+    inner = folder.relative_to(top).as_posix()
+    inner = "" if inner == "." else inner
+    return Repository(str(top), "/".join(p for p in (inner, subdir) if p))
+
+
+def check_subdir(subdir):
+    if has_control_characters(subdir) or subdir.startswith("-"):
+        raise RepositoryError(f"subdir is not a plain folder name: {subdir!r}")
+    if ".." in Path(subdir).parts:
+        raise RepositoryError(f"subdir may not leave the repository: {subdir!r}")
+
+
+def check_ref(ref):
+    """Refuse refs that could be options or are not valid git ref names."""
+    ref = "" if ref is None else str(ref)
+    if has_control_characters(ref):
+        raise RepositoryError("ref contains control characters")
+    if ref.startswith("-"):
+        raise RepositoryError(f"ref may not start with '-': {ref!r}")
+    if len(ref) > 255:
+        raise RepositoryError(f"ref is longer than 255 characters ({len(ref)})")
+    if (
+        any(part in ref for part in FORBIDDEN_REF_PARTS)
+        or FORBIDDEN_REF_CHARS & set(ref)
+        or ref.endswith((".", "/", ".lock"))
+        or ref.startswith("/")
+    ):
+        raise RepositoryError(f"ref is not a valid git ref name: {ref!r}")
+    return ref
+
+
+def run_git(args, repository, cwd=None):
+    """Run git; on failure raise its last error line, with credentials removed."""
+    try:
+        result = subprocess.run(
+            ["git", *args],
+            capture_output=True,
+            text=True,
+            errors="replace",
+            cwd=cwd,
+            env=git_environment(),
+            timeout=GIT_TIMEOUT_SECONDS,
+        )
+    except subprocess.TimeoutExpired:
+        raise RepositoryError(
+            f"git {args[0]} timed out after {GIT_TIMEOUT_SECONDS} s for {repository.display_url}"
+        ) from None
+    if result.returncode != 0:
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        reason = lines[0] if lines else f"exit status {result.returncode}"
+        reason = reason.replace(repository.url, repository.display_url)
+        raise RepositoryError(f"git {args[0]} failed for {repository.display_url}: {reason}")
+    return result.stdout
+
+
+def list_remote_refs(repository):
+    """Refs the repository advertises, and the branch its HEAD points to."""
+    output = run_git(["ls-remote", "--symref", "--", repository.url], repository)
+    refs = {}
+    head_branch = ""
+    for line in output.splitlines():
+        target, _, refname = line.partition("\t")
+        if target.startswith("ref: ") and refname == "HEAD":
+            head_branch = target[len("ref: ") :].removeprefix("refs/heads/")
+        elif SHA_PATTERN.fullmatch(target):
+            refs[refname] = target
+    return refs, head_branch
+
+
+@dataclass(frozen=True)
+class ResolvedRef:
+    sha: str
+    ref: str
+
+
+def resolve_ref(repository, ref, cache_dir=None):
+    """The commit a ref names: branch, tag (its commit, not the tag object), sha, or HEAD."""
+    ref = check_ref(ref)
+    refs, head_branch = list_remote_refs(repository)
+    if ref in ("", "HEAD"):
+        if "HEAD" not in refs:
+            raise RepositoryError(f"{repository.display_url} has no default branch (empty?)")
+        return ResolvedRef(refs["HEAD"], head_branch or "HEAD")
+    # git's own precedence: a full ref name, then a tag, then a branch
+    for candidate in (ref, f"refs/tags/{ref}", f"refs/heads/{ref}"):
+        if not candidate.startswith("refs/"):
+            continue
+        peeled = refs.get(f"{candidate}^{{}}")
+        if peeled or candidate in refs:
+            return ResolvedRef(peeled or refs[candidate], ref)
+    if SHORT_SHA_PATTERN.fullmatch(ref.lower()):
+        return ResolvedRef(resolve_commit(repository, ref.lower(), refs, cache_dir), ref)
+    raise RepositoryError(f"ref {ref!r} not found in {repository.display_url}")
+
+
+def resolve_commit(repository, sha_prefix, advertised, cache_dir):
+    """A full or short sha: look at advertised tips first, else in a fetched copy."""
+    tips = {sha for sha in advertised.values() if sha.startswith(sha_prefix)}
+    if len(tips) == 1:
+        return tips.pop()
+    if cache_dir is None:
+        raise RepositoryError(f"commit {sha_prefix} is not a branch or tag tip of {repository.display_url}")
+    mirror = update_mirror(repository, Path(cache_dir))
+    try:
+        output = run_git(
+            ["rev-parse", "--verify", "--quiet", "--end-of-options", f"{sha_prefix}^{{commit}}"],
+            repository,
+            cwd=mirror,
+        )
+    except RepositoryError:
+        raise RepositoryError(
+            f"ref {sha_prefix!r} not found in {repository.display_url} (no such commit, or ambiguous)"
+        ) from None
+    return output.strip()
+
+
+def update_mirror(repository, cache_dir):
+    """A bare, blob-less copy of all branches and tags, to look commits up in."""
+    import hashlib
+
+    key = hashlib.sha256(repository.url.encode()).hexdigest()[:16]
+    mirror = cache_dir / f"{key}.git"
+    if not mirror.exists():
+        mirror.parent.mkdir(parents=True, exist_ok=True)
+        run_git(["init", "--quiet", "--bare", str(mirror)], repository)
+    run_git(
+        [
+            "fetch",
+            "--quiet",
+            "--filter=blob:none",
+            "--prune",
+            "--",
+            repository.url,
+            "+refs/heads/*:refs/heads/*",
+            "+refs/tags/*:refs/tags/*",
+        ],
+        repository,
+        cwd=mirror,
+    )
+    return mirror
+
+
+def clone_commit(repository, sha, destination):
+    """Check out exactly `sha` into `destination`, which appears only once complete."""
+    if not SHA_PATTERN.fullmatch(sha):
+        raise RepositoryError(f"not a full commit sha: {sha!r}")
+    destination = Path(destination)
+    partial = destination.with_name(destination.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    run_git(["init", "--quiet", str(partial)], repository)
+    try:
+        run_git(["fetch", "--quiet", "--depth", "1", "--", repository.url, sha], repository, cwd=partial)
+    except RepositoryError:
+        # servers that refuse a bare sha still serve it inside a full fetch
+        run_git(
+            ["fetch", "--quiet", "--", repository.url, "+refs/heads/*:refs/remotes/origin/*", "+refs/tags/*:refs/tags/*"],
+            repository,
+            cwd=partial,
+        )
+    run_git(["-c", "advice.detachedHead=false", "checkout", "--quiet", "--detach", sha], repository, cwd=partial)
+    checked_out = run_git(["rev-parse", "HEAD"], repository, cwd=partial).strip()
+    if checked_out != sha:
+        raise RepositoryError(f"checked out {checked_out} instead of {sha}")
+    if repository.subdir and not (partial / repository.subdir).is_dir():
+        raise RepositoryError(f"subdir {repository.subdir!r} does not exist at commit {sha[:12]}")
+    if destination.exists():
+        shutil.rmtree(destination)
+    os.rename(partial, destination)
+    return destination

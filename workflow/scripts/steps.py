@@ -1,0 +1,124 @@
+"""What every step shares: run a host tool with its output in the step's log and a heartbeat
+on the terminal, and write outputs so that a killed step leaves nothing that looks finished."""
+
+import ctypes
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HEARTBEAT_SECONDS = 30
+PR_SET_PDEATHSIG = 1
+
+
+class StepError(Exception):
+    """A step failed; the message is one line, the details are in the log."""
+
+
+def end_with_parent():
+    """Ask the kernel to end this process when its parent dies, so a killed workflow does not
+    leave a build running on in the background that later renames a stale output."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def tail(path, lines=5):
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - 8192))
+            text = handle.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(line for line in text.splitlines()[-lines:])
+
+
+def run_logged(command, log_path, step, env=None, cwd=None):
+    """Run `command` (a list) with its output appended to `log_path`; print a progress line
+    every HEARTBEAT_SECONDS; raise StepError naming the log when it fails."""
+    started = time.monotonic()
+    with open(log_path, "ab") as log:
+        log.write(f"$ {' '.join(command)}\n".encode())
+        log.flush()
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+            preexec_fn=end_with_parent,
+        )
+        finished = threading.Event()
+
+        def heartbeat():
+            while not finished.wait(HEARTBEAT_SECONDS):
+                elapsed = int(time.monotonic() - started)
+                print(f"  {step}: still running after {elapsed} s (log: {log_path})", file=sys.stderr, flush=True)
+
+        threading.Thread(target=heartbeat, daemon=True).start()
+        try:
+            returncode = process.wait()
+        except BaseException:
+            process.terminate()
+            process.wait()
+            raise
+        finally:
+            finished.set()
+    if returncode != 0:
+        raise StepError(f"{step} failed (exit status {returncode}); see {log_path}:\n{tail(log_path)}")
+    print(f"  {step}: done in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+
+
+def temporary_sibling(path, suffix=""):
+    """A fresh name next to `path`, on the same file system, so a rename is atomic."""
+    path = Path(path)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".partial{suffix}", dir=path.parent)
+    os.close(handle)
+    os.unlink(name)
+    return Path(name)
+
+
+def write_text_atomic(path, text, mode=0o644):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = temporary_sibling(path)
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path, data, mode=0o644):
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n", mode)
+
+
+def sha256_file(path, chunk_size=4 << 20):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def main(step, function):
+    """Entry point for a rule's script: one clear line on failure instead of a traceback."""
+    end_with_parent()
+    try:
+        function()
+    except StepError as error:
+        sys.exit(f"{step}: {error}")
