@@ -1,8 +1,8 @@
-# repo2singularity: a code repository -> Docker image (repo2docker) -> SIF -> sandbox -> Jupyter.
-# Each step is a rule with a file target under results/{name}/{sha}/; see README.md.
+# repo2singularity turns a code repository into a Docker image (repo2docker), a SIF, a sandbox and
+# a running Jupyter server. Each step is a rule with a file target under results/{name}/{sha}/.
 
 
-configfile: "config/config.yaml"
+configfile: f"{workflow.basedir}/config/config.yaml"
 
 
 include: "workflow/rules/common.smk"
@@ -11,3 +11,9 @@ include: "workflow/rules/image.smk"
 include: "workflow/rules/sif.smk"
 include: "workflow/rules/sandbox.smk"
 include: "workflow/rules/launch.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        rules.launch.input,

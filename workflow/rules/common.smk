@@ -16,7 +16,7 @@ SCRIPTS = "../scripts"
 
 def fail(message):
     """Stop before anything runs, with one line instead of a traceback."""
-    sys.exit(f"repo2singularity: {message}")
+    sys.exit(f"{builds.PROGRAM}: {message}")
 
 
 try:
@@ -25,7 +25,9 @@ except WorkflowError as error:
     fail(builds.describe_validation_error(error))
 
 try:
-    settings = builds.Settings.from_config(config)
+    # a relative repository path means the working directory, else this workflow's folder
+    # (where the bundled example lives)
+    settings = builds.Settings.from_config(config, base_dirs=(".", workflow.basedir))
 except builds.InvalidInput as error:
     fail(str(error))
 

@@ -3,6 +3,11 @@ rule build_image:
         source=rules.clone_source.output.source,
     output:
         receipt=f"{RESULTS}/{{name}}/{{sha}}/image.json",
+    log:
+        get_step_log("build_image"),
+    benchmark:
+        get_step_benchmark("build_image")
+    localrule: True
     params:
         tag=get_image_tag,
         labels=get_image_labels,
@@ -10,11 +15,6 @@ rule build_image:
         user_name=settings.user_name,
         user_id=settings.user_id,
         extra_args=settings.repo2docker_args,
-    log:
-        get_step_log("build_image"),
-    benchmark:
-        get_step_benchmark("build_image")
-    localrule: True
     script:
         f"{SCRIPTS}/image.py"
 

@@ -4,16 +4,16 @@ rule launch_jupyter:
         receipt=rules.build_image.output.receipt,
     output:
         connection=f"{RESULTS}/{{name}}/{{sha}}/launch.json",
+    log:
+        get_step_log("launch_jupyter"),
+    benchmark:
+        get_step_benchmark("launch_jupyter")
     params:
         runtime=settings.runtime,
         server_log=f"{RESULTS}/{{name}}/{{sha}}/logs/jupyter-server.log",
         jupyter_command=settings.jupyter_command,
         timeout=settings.launch_timeout,
         writable=settings.launch_writable,
-    log:
-        get_step_log("launch_jupyter"),
-    benchmark:
-        get_step_benchmark("launch_jupyter")
     script:
         f"{SCRIPTS}/jupyter.py"
 
@@ -21,13 +21,12 @@ rule launch_jupyter:
 rule launch:
     input:
         get_targets("{results}/{name}/{sha}/launch.json"),
-    default_target: True
 
 
 rule stop:
+    localrule: True
     params:
         names=list(settings.builds),
-    localrule: True
     run:
         import jupyter
 

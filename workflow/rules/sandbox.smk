@@ -4,12 +4,12 @@ rule unpack_sandbox:
         checksum=rules.build_sif.output.checksum,
     output:
         sandbox=directory(f"{RESULTS}/{{name}}/{{sha}}/sandbox"),
-    params:
-        runtime=settings.runtime,
     log:
         get_step_log("unpack_sandbox"),
     benchmark:
         get_step_benchmark("unpack_sandbox")
+    params:
+        runtime=settings.runtime,
     script:
         f"{SCRIPTS}/runtime.py"
 

@@ -4,14 +4,14 @@ rule build_sif:
     output:
         sif=f"{RESULTS}/{{name}}/{{sha}}/{{name}}.sif",
         checksum=f"{RESULTS}/{{name}}/{{sha}}/{{name}}.sif.sha256",
-    params:
-        runtime=settings.runtime,
-        compression=settings.sif_compression,
     log:
         get_step_log("build_sif"),
     benchmark:
         get_step_benchmark("build_sif")
     localrule: True
+    params:
+        runtime=settings.runtime,
+        compression=settings.sif_compression,
     script:
         f"{SCRIPTS}/runtime.py"
 

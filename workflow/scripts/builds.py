@@ -8,6 +8,7 @@ import naming
 from image import image_labels
 from repository import Repository, RepositoryError, check_ref, check_repository, resolve_ref
 
+PROGRAM = "repo2singularity"
 NAME_PATTERN = r"[a-z0-9][a-z0-9._-]*"
 
 
@@ -19,10 +20,10 @@ def describe_validation_error(error):
     """One line from Snakemake's schema validation error: where, and what is wrong."""
     import jsonschema
 
-    for cause in getattr(error, "args", ()):
-        if isinstance(cause, jsonschema.exceptions.ValidationError):
-            where = "/".join(str(p) for p in cause.absolute_path)
-            return f"invalid config{f' at {where!r}' if where else ''}: {cause.message}"
+    cause = error.__context__  # Snakemake raises its error while handling jsonschema's
+    if isinstance(cause, jsonschema.exceptions.ValidationError):
+        where = "/".join(str(p) for p in cause.absolute_path)
+        return f"invalid config{f' at {where!r}' if where else ''}: {cause.message}"
     return f"invalid config: {str(error).splitlines()[0]}"
 
 
@@ -49,10 +50,15 @@ class Settings:
     builds: dict = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, config, base_dir="."):
+    def from_config(cls, config, base_dirs=(".",)):
         try:
-            repository = check_repository(config["repo"], config.get("subdir", ""), base_dir)
+            repository = check_repository(config["repo"], config.get("subdir", ""), base_dirs)
             ref = check_ref(config.get("ref", ""))
+            if isinstance(config.get("ref"), int):
+                raise InvalidInput(
+                    f"ref {ref} was read as a number (leading zeros are lost); "
+                    f"quote a sha made of digits only: ref=\"'{ref}'\""
+                )
             name = config.get("name") or naming.default_name(repository.url, repository.subdir)
             name = naming.check_name(name)
         except (RepositoryError, naming.InvalidName) as error:

@@ -68,8 +68,9 @@ class Repository:
         return redact_url(self.url)
 
 
-def check_repository(spec, subdir="", base_dir="."):
-    """Validate a repository given by the user; local folders become absolute paths.
+def check_repository(spec, subdir="", base_dirs=(".",)):
+    """Validate a repository given by the user; local folders become absolute paths, looked
+    up in each of `base_dirs` in turn.
 
     A local folder inside a git work tree stands for that repository with the folder as
     subdir, so `repo=path/in/a/repo` builds that folder from the committed tree.
@@ -94,9 +95,10 @@ def check_repository(spec, subdir="", base_dir="."):
                 f"URL scheme '{scheme}' is not allowed; use one of {', '.join(ALLOWED_SCHEMES)}"
             )
         return Repository(spec, subdir)
-    local = Path(base_dir, spec)
-    if local.is_dir():
-        return local_repository(local, subdir)
+    for base_dir in base_dirs:
+        local = Path(base_dir, spec)
+        if local.is_dir():
+            return local_repository(local, subdir)
     if SCP_LIKE_PATTERN.match(spec) and not spec.startswith(("/", ".")):
         return Repository(spec, subdir)
     raise RepositoryError(f"repository not found: {spec} is neither a URL nor a folder")
