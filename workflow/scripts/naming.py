@@ -22,10 +22,11 @@ class InvalidName(Exception):
     """A name that cannot be used, told in one line."""
 
 
-def safe_slug(readable, identity, limit=NAME_LIMIT, hash_length=HASH_LENGTH):
-    """BinderHub's _safe_build_slug: escaped readable part, then a hash of the identity."""
+def safe_slug(readable_parts, identity, limit=NAME_LIMIT, hash_length=HASH_LENGTH):
+    """BinderHub's _safe_build_slug: the escaped readable parts joined by '-', then a hash of
+    the identity they stand for."""
     digest = hashlib.sha256(identity.encode("utf-8")).hexdigest()[:hash_length]
-    escaped = escapism.escape(readable, safe=SAFE_CHARACTERS, escape_char="-")
+    escaped = "-".join(escapism.escape(p, safe=SAFE_CHARACTERS, escape_char="-") for p in readable_parts)
     escaped = escaped[: limit - hash_length - 1].strip("-")
     return f"{escaped}-{digest}".lower() if escaped else digest
 
@@ -47,7 +48,7 @@ def default_name(url, subdir=""):
         parts[-1] = parts[-1].removesuffix(".git")
     parts = [p for p in parts if p]
     sub_parts = [p for p in subdir.split("/") if p]
-    readable = "-".join(sub_parts[-1:] if sub_parts else parts[-2:]) or "repo"
+    readable = (sub_parts[-1:] if sub_parts else parts[-2:]) or ["repo"]
     return safe_slug(readable, f"{redact_url(url)}\n{subdir}")
 
 
@@ -66,7 +67,7 @@ def check_name(name):
         raise InvalidName(f"name may not start with '-' or '.': {name!r}")
     if DOCKER_COMPONENT_PATTERN.fullmatch(name) and len(name) <= NAME_LIMIT:
         return name
-    return safe_slug(name, name)
+    return safe_slug([name], name)
 
 
 def image_tag(prefix, name, sha):

@@ -1,0 +1,61 @@
+"""Shared fixtures: real git repositories made in temporary folders."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT / "workflow" / "scripts"))
+
+GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "Test",
+    "GIT_AUTHOR_EMAIL": "test@example.invalid",
+    "GIT_COMMITTER_NAME": "Test",
+    "GIT_COMMITTER_EMAIL": "test@example.invalid",
+}
+
+
+def git(repo, *args):
+    result = subprocess.run(
+        ["git", "-C", str(repo), *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, **GIT_IDENTITY},
+    )
+    return result.stdout.strip()
+
+
+class GitRepo:
+    """A real repository to resolve refs in and build from."""
+
+    def __init__(self, path, branch="main"):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        git(self.path, "init", "--quiet", f"--initial-branch={branch}")
+
+    def commit(self, message="change", files=None):
+        for name, text in (files or {f"file-{message}.txt": message}).items():
+            target = self.path / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
+        git(self.path, "add", "--all")
+        git(self.path, "commit", "--quiet", "--allow-empty", "-m", message)
+        return self.head()
+
+    def head(self, ref="HEAD"):
+        return git(self.path, "rev-parse", f"{ref}^{{commit}}")
+
+    def git(self, *args):
+        return git(self.path, *args)
+
+
+@pytest.fixture
+def make_repo(tmp_path):
+    def make(name="repo", branch="main"):
+        return GitRepo(tmp_path / name, branch)
+
+    return make

@@ -1,0 +1,59 @@
+"""Bad input stops the real workflow with one clear line, before anything is built."""
+
+import pytest
+
+from workflow_runner import last_line, snakemake
+
+
+@pytest.fixture
+def repo(make_repo):
+    repo = make_repo()
+    repo.commit("first", {"Dockerfile": "FROM debian:bookworm\n"})
+    return repo
+
+
+def assert_refused(workdir, config, message):
+    result = snakemake(workdir, config=config, check=False)
+    line = last_line(result)
+    assert result.returncode != 0
+    assert line.startswith("repo2singularity: ") and message in line, result.stderr[-3000:]
+    built = [p for p in (workdir / "results").glob("*") if p.name != ".cache"] if (workdir / "results").exists() else []
+    assert built == [], "something was written under results/ before the error"
+    return line
+
+
+def test_repository_that_does_not_exist(tmp_path):
+    assert_refused(tmp_path, {"repo": tmp_path / "missing"}, "repository not found")
+
+
+def test_remote_repository_that_does_not_answer(tmp_path):
+    line = assert_refused(tmp_path, {"repo": "https://user:s3cret@127.0.0.1:9/x.git"}, "git ls-remote failed")
+    assert "s3cret" not in line
+
+
+def test_ref_that_does_not_exist(tmp_path, repo):
+    assert_refused(tmp_path, {"repo": repo.path, "ref": "no-such-branch"}, "ref 'no-such-branch' not found")
+
+
+def test_ref_starting_with_dash(tmp_path, repo):
+    assert_refused(tmp_path, {"repo": repo.path, "ref": "--upload-pack=touch"}, "may not start with '-'")
+
+
+def test_url_starting_with_dash(tmp_path):
+    assert_refused(tmp_path, {"repo": "-oProxyCommand=touch"}, "may not start with '-'")
+
+
+def test_name_that_would_escape_results(tmp_path, repo):
+    assert_refused(tmp_path, {"repo": repo.path, "name": "../outside"}, "name may not contain")
+
+
+def test_unknown_config_key(tmp_path, repo):
+    assert_refused(tmp_path, {"repo": repo.path, "colour": "red"}, "'colour' was unexpected")
+
+
+def test_wrong_config_type(tmp_path, repo):
+    assert_refused(tmp_path, {"repo": repo.path, "launch_timeout": "soon"}, "'launch_timeout'")
+
+
+def test_wrong_runtime(tmp_path, repo):
+    assert_refused(tmp_path, {"repo": repo.path, "runtime": "docker"}, "'runtime'")
