@@ -115,8 +115,16 @@ def sha256_file(path, chunk_size=4 << 20):
     return digest.hexdigest()
 
 
+def stop_on_signal(signum, frame):
+    raise SystemExit(f"stopped by signal {signum}")
+
+
 def main(step, function):
-    """Entry point for a rule's script: one clear line on failure instead of a traceback."""
+    """Entry point for a rule's script: one clear line on failure instead of a traceback.
+
+    SIGTERM (sent by Snakemake on cancel, or by the kernel when the workflow dies) becomes an
+    exception, so running tools are stopped and partial outputs removed on the way out."""
+    signal.signal(signal.SIGTERM, stop_on_signal)
     end_with_parent()
     try:
         function()

@@ -1,0 +1,185 @@
+"""The whole chain on the bundled example, with the real Docker engine, repo2docker and
+Apptainer, run by an unprivileged account as a workstation user would."""
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import PROJECT
+from jupyter_client import api, execute
+from workflow_runner import snakemake
+
+RUNTIME = os.environ.get("R2S_RUNTIME", "apptainer")
+pytestmark = pytest.mark.integration
+
+
+def process_gone(pid):
+    """True when `pid` no longer runs (a zombie waiting for a non-reaping init counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")
+
+
+def runtime(*args, check=True):
+    return subprocess.run([RUNTIME, *args], capture_output=True, text=True, check=check)
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory):
+    """The bundled example as a repository of its own, and a working folder for the workflow."""
+    from conftest import GitRepo
+
+    base = tmp_path_factory.mktemp("chain")
+    repo = GitRepo(base / "example-repo", branch="main")
+    shutil.copytree(PROJECT / "example", repo.path, dirs_exist_ok=True)
+    repo.commit("first")
+    workdir = base / "work"
+    workdir.mkdir()
+    return repo, workdir
+
+
+def config_for(repo):
+    return {"repo": repo.path, "ref": "main", "name": "example"}
+
+
+def result_dir(workdir, sha):
+    return workdir / "results" / "example" / sha
+
+
+@pytest.fixture(scope="module")
+def launched(example):
+    repo, workdir = example
+    result = snakemake(workdir, config=config_for(repo))
+    sha = repo.head()
+    connection = json.loads((result_dir(workdir, sha) / "launch.json").read_text())
+    yield repo, workdir, sha, connection, result
+    snakemake(workdir, "stop", config=config_for(repo), check=False)
+
+
+def test_run_prints_how_to_connect(launched):
+    *_, connection, result = launched
+    assert connection["url_with_token"] in result.stdout
+
+
+def test_sif_exists_with_checksum_and_provenance_labels(launched):
+    repo, workdir, sha, *_ = launched
+    folder = result_dir(workdir, sha)
+    sif = folder / "example.sif"
+    digest, name = (folder / "example.sif.sha256").read_text().split()
+    assert name == "example.sif"
+    assert subprocess.run(["sha256sum", sif], capture_output=True, text=True).stdout.split()[0] == digest
+    labels = json.loads(runtime("inspect", "--json", "--labels", str(sif)).stdout)["data"]["attributes"]["labels"]
+    assert labels["repo2singularity.repo"] == str(repo.path)
+    assert labels["repo2singularity.ref"] == "main"
+    assert labels["repo2singularity.sha"] == sha
+    assert labels["repo2docker.ref"] == sha
+    receipt = json.loads((folder / "image.json").read_text())
+    assert receipt["tag"] == f"r2s-example:{sha}"
+    assert receipt["image_id"].startswith("sha256:")
+    assert receipt["repo2docker_version"]
+    assert not (folder / "image.tar").exists(), "the temporary tarball was kept"
+
+
+def test_outputs_are_not_world_writable(launched):
+    _, workdir, sha, *_ = launched
+    folder = result_dir(workdir, sha)
+    for path in (folder / "example.sif", folder / "sandbox"):
+        assert not path.stat().st_mode & stat.S_IWOTH
+
+
+def test_sandbox_runs_a_command(launched):
+    _, workdir, sha, *_ = launched
+    sandbox = result_dir(workdir, sha) / "sandbox"
+    result = runtime("exec", str(sandbox), "python3", "-c", "print(6 * 7)")
+    assert result.stdout.strip() == "42"
+
+
+def test_server_answers_with_token_and_refuses_without(launched):
+    _, workdir, sha, connection, _ = launched
+    launch_file = result_dir(workdir, sha) / "launch.json"
+    assert stat.S_IMODE(launch_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(Path(connection["log"]).stat().st_mode) == 0o600
+    assert connection["host"] == "127.0.0.1"
+    assert api(connection["url"], "api/status", connection["token"]).status_code == 200
+    assert api(connection["url"], "api/status").status_code == 403
+    assert api(connection["url"], "api/status", "wrong-token").status_code == 403
+
+
+def test_kernel_runs_code_in_the_repository_after_the_start_script(launched):
+    *_, connection, _ = launched
+    code = "import os, numpy; print(numpy.arange(4).sum(), os.getcwd(), os.environ.get('REPO2SINGULARITY_START_RAN'))"
+    total, cwd, start_ran = execute(connection["url"], connection["token"], code).split()
+    assert total == "6"
+    assert cwd == "/home/jovyan"
+    assert start_ran == "yes"
+    listing = api(connection["url"], "api/contents", connection["token"]).json()
+    assert "hello.ipynb" in {item["name"] for item in listing["content"]}
+
+
+def test_second_run_has_nothing_to_do(launched):
+    repo, workdir, *_ = launched
+    result = snakemake(workdir, "-n", config=config_for(repo))
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_stop_ends_the_server(launched):
+    repo, workdir, sha, connection, _ = launched
+    snakemake(workdir, "stop", config=config_for(repo))
+    folder = result_dir(workdir, sha)
+    assert not (folder / "launch.json").exists()
+    assert json.loads((folder / "launch.ended.json").read_text())["ended"]
+    with pytest.raises(Exception):
+        api(connection["url"], "api/status", connection["token"], timeout=3)
+    assert process_gone(connection["pid"])
+
+
+def test_new_commit_builds_only_the_new_sha(launched):
+    repo, workdir, old_sha, *_ = launched
+    old_sif = result_dir(workdir, old_sha) / "example.sif"
+    old_mtime = old_sif.stat().st_mtime_ns
+    new_sha = repo.commit("second", {"notes.md": "a new commit on main\n"})
+    plan = snakemake(workdir, "build", "-n", config=config_for(repo)).stdout
+    assert new_sha in plan and old_sha not in plan
+    snakemake(workdir, "build", config=config_for(repo))
+    assert (result_dir(workdir, new_sha) / "example.sif").exists()
+    assert old_sif.stat().st_mtime_ns == old_mtime
+
+
+def test_run_killed_during_the_sif_step_resumes_without_rebuilding_the_image(launched):
+    repo, workdir, *_ = launched
+    sha = repo.commit("third", {"notes.md": "a third commit\n"})
+    folder = result_dir(workdir, sha)
+    command = [
+        str(Path(os.sys.executable).with_name("snakemake")),
+        "--snakefile", str(PROJECT / "Snakefile"), "--directory", str(workdir), "--cores", "2", "build",
+        "--config", f"repo={repo.path}", "ref=main", "name=example",
+    ]
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    sif_log = folder / "logs" / "build_sif.log"
+    deadline = time.monotonic() + 600
+    while not (sif_log.exists() and sif_log.stat().st_size > 200):
+        assert run.poll() is None, "the workflow ended before the SIF step"
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    receipt_mtime = (folder / "image.json").stat().st_mtime_ns
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    time.sleep(2)
+    assert not (folder / "example.sif").exists(), "a killed SIF step left a finished-looking SIF"
+    assert not (folder / "example.sif.sha256").exists()
+    resumed = snakemake(workdir, "build", config=config_for(repo))
+    assert "rule build_image" not in resumed.stderr + resumed.stdout
+    assert "rule save_image" not in resumed.stderr + resumed.stdout
+    assert (folder / "image.json").stat().st_mtime_ns == receipt_mtime
+    digest = (folder / "example.sif.sha256").read_text().split()[0]
+    assert subprocess.run(["sha256sum", folder / "example.sif"], capture_output=True, text=True).stdout.split()[0] == digest
+    assert not list(folder.glob(".example.sif.*partial*"))
