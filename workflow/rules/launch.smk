@@ -24,15 +24,21 @@ rule launch:
 
 
 rule stop:
+    log:
+        f"{RESULTS}/logs/stop.log",
     localrule: True
     params:
         names=list(settings.builds),
     run:
         import jupyter
 
-        for connection_file, was_running in jupyter.stop_all(RESULTS, params.names):
-            state = "stopped" if was_running else "was no longer running"
-            print(f"{connection_file.parent}: Jupyter {state}", file=sys.stderr)
+        with open(log[0], "a") as stop_log:
+            for connection_file, was_running in jupyter.stop_all(
+                RESULTS, params.names
+            ):
+                state = "stopped" if was_running else "was no longer running"
+                for stream in (sys.stderr, stop_log):
+                    print(f"{connection_file.parent}: Jupyter {state}", file=stream)
 
 
 onsuccess:

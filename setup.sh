@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Set up everything repo2singularity needs (only what is missing), then:
+#   bash setup.sh example   build the bundled example, launch Jupyter from it, print how to connect
+#   bash setup.sh test      run the test suite
+#   bash setup.sh check     say what is missing, change nothing
+# Run as root, the system is provisioned and the workflow then runs as the unprivileged account
+# $R2S_USER (default r2s, in the docker group): Apptainer does not run as root on every host,
+# and on HPC it never does. Run as any other user, nothing is installed system-wide: the script
+# says what is missing, or goes ahead when all is there.
+set -euo pipefail
+cd "$(dirname "$0")"
+checkout=$(pwd)
+action=${1:-example}
+account=${R2S_USER:-r2s}
+
+case "$action" in
+    example | test | check) ;;
+    *)
+        echo "usage: bash setup.sh [example|test|check]" >&2
+        exit 2
+        ;;
+esac
+
+as_account() {
+    # a clean login-like environment for the account, in $workspace
+    runuser -u "$account" -- env -i HOME="$(getent passwd "$account" | cut -d: -f6)" USER="$account" \
+        LOGNAME="$account" PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1 CI="${CI:-}" \
+        R2S_RUNTIME="${R2S_RUNTIME:-}" bash -c 'cd "$1" && shift && exec "$@"' _ "$workspace" "$@"
+}
+
+if [ "$action" = check ]; then
+    exec bash setup/system.sh check
+fi
+
+if [ "$(id -u)" -eq 0 ]; then
+    if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
+        echo "python: installing python3-venv"
+        apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+    fi
+    R2S_USER=$account bash setup/system.sh install
+    workspace=$checkout
+    if ! runuser -u "$account" -- test -r "$checkout/Snakefile" -a -x "$checkout/workflow"; then
+        # the account cannot read this checkout (e.g. it is under /root): work on a copy
+        workspace=$(getent passwd "$account" | cut -d: -f6)/repo2singularity
+        echo "workspace: $account cannot read $checkout; copying it to $workspace"
+        mkdir -p "$workspace"
+        git ls-files -z --cached --others --exclude-standard | tar -c --null -T - | tar -x -C "$workspace"
+        chown -R "$account:" "$workspace"
+    fi
+    for writable in .venv results .snakemake; do
+        mkdir -p "$workspace/$writable"
+        chown -R "$account:" "$workspace/$writable"
+    done
+    as_account bash setup/python.sh
+    if [ "$action" = example ]; then
+        as_account .venv/bin/snakemake --cores 2
+        echo "(the server runs as $account; stop it with: runuser -u $account -- bash -c 'cd $workspace && .venv/bin/snakemake --cores 1 stop')"
+    else
+        as_account .venv/bin/python -m pytest -p no:cacheprovider tests
+    fi
+else
+    if ! bash setup/system.sh check; then
+        echo "setup: the tools above are missing; install them (as root: bash setup.sh $action) and run this again" >&2
+        exit 1
+    fi
+    bash setup/python.sh
+    if [ "$action" = example ]; then
+        .venv/bin/snakemake --cores 2
+    else
+        .venv/bin/python -m pytest tests
+    fi
+fi

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Create or update the project's virtual environment (.venv) from the pinned requirements.txt.
+# Idempotent: nothing is installed when .venv already matches requirements.txt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+venv=.venv
+stamp="$venv/.requirements.sha256"
+wanted=$(sha256sum requirements.txt | cut -d' ' -f1)
+
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ] && [ -x "$venv/bin/snakemake" ]; then
+    echo "python environment: up to date ($venv)"
+    exit 0
+fi
+if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
+    echo "python environment: python3 cannot make virtual environments; as root run: apt-get install python3-venv" >&2
+    exit 1
+fi
+echo "python environment: installing the pinned requirements into $venv (about a minute)..."
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --requirement requirements.txt
+echo "$wanted" > "$stamp"
+echo "python environment: ready ($("$venv/bin/snakemake" --version | sed 's/^/snakemake /'), $("$venv/bin/repo2docker" --version | sed 's/^/repo2docker /'))"
