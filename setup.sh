@@ -44,8 +44,13 @@ if [ "$(id -u)" -eq 0 ]; then
         workspace=$(getent passwd "$account" | cut -d: -f6)/repo2singularity
         echo "workspace: $account cannot read $checkout; copying it to $workspace"
         mkdir -p "$workspace"
-        git ls-files -z --cached --others --exclude-standard | tar -c --null -T - | tar -x -C "$workspace"
+        tar -c --exclude=./.venv --exclude=./results --exclude=./.snakemake . | tar -x -C "$workspace"
         chown -R "$account:" "$workspace"
+    fi
+    # the bundled example is read from this git repository, which belongs to root: let the
+    # account's git trust exactly this one (git refuses repositories of other owners)
+    if ! as_account git config --global --get-all safe.directory | grep -qxF "$workspace"; then
+        as_account git config --global --add safe.directory "$workspace"
     fi
     for writable in .venv results .snakemake; do
         mkdir -p "$workspace/$writable"

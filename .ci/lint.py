@@ -5,10 +5,13 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 ALLOWED = {"Specify a conda environment or container for each rule."}
 
-result = subprocess.run([sys.executable.replace("python", "snakemake"), "--lint", "json"], capture_output=True, text=True)
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+PROJECT = Path(__file__).resolve().parent.parent
+result = subprocess.run([SNAKEMAKE, "--lint", "json"], capture_output=True, text=True, cwd=PROJECT)
 try:
     # Snakemake prints JSON when the CLI passes the format on (9.27.1 does not yet)
     report = json.loads(result.stdout)

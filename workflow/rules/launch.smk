@@ -29,16 +29,9 @@ rule stop:
     localrule: True
     params:
         names=list(settings.builds),
-    run:
-        import jupyter
-
-        with open(log[0], "a") as stop_log:
-            for connection_file, was_running in jupyter.stop_all(
-                RESULTS, params.names
-            ):
-                state = "stopped" if was_running else "was no longer running"
-                for stream in (sys.stderr, stop_log):
-                    print(f"{connection_file.parent}: Jupyter {state}", file=stream)
+        results=RESULTS,
+    script:
+        f"{SCRIPTS}/jupyter.py"
 
 
 onsuccess:

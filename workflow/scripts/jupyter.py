@@ -7,6 +7,7 @@ import secrets
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -181,7 +182,19 @@ def connection_message(connection_file):
     )
 
 
-if "snakemake" in globals():
+def report_stopped(results, names, log):
+    with open(log, "a") as stop_log:
+        for connection_file, was_running in stop_all(results, names):
+            state = "stopped" if was_running else "was no longer running"
+            for stream in (sys.stderr, stop_log):
+                print(f"{connection_file.parent}: Jupyter {state}", file=stream)
+
+
+if "snakemake" in globals() and snakemake.rule == "stop":
+    from steps import main
+
+    main("stop", lambda: report_stopped(snakemake.params.results, snakemake.params.names, snakemake.log[0]))
+elif "snakemake" in globals():
     from steps import main
 
     main(

@@ -1,0 +1,19 @@
+"""The workflow stays formatted (snakefmt) and lint-clean but for the conda/container lint."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import PROJECT
+
+BIN = Path(sys.executable).parent
+
+
+def test_snakefmt_check():
+    result = subprocess.run([BIN / "snakefmt", "--check", str(PROJECT)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_snakemake_lint_has_only_the_host_tool_lint():
+    result = subprocess.run([sys.executable, PROJECT / ".ci" / "lint.py"], capture_output=True, text=True, cwd=PROJECT)
+    assert result.returncode == 0, result.stdout + result.stderr
