@@ -396,6 +396,16 @@ done
 mount -t proc proc "$ROOTFS/proc"
 mount --rbind /sys "$ROOTFS/sys"
 mount --rbind /dev "$ROOTFS/dev"
+# /dev/fuse is 0666 on a usual Debian system (udev rule of fuse3), but 0600 on machines
+# without udev; squashfuse (running SIF files without extracting them) needs it usable.
+# Give this namespace its own 0666 node instead of changing the machine's.
+if [ -c /dev/fuse ] && [ "$(stat -c %a /dev/fuse)" != 666 ]; then
+    mkdir -p "$ROOTFS/.r2s-dev"
+    mount -t tmpfs -o size=16k,mode=0755 r2s-dev "$ROOTFS/.r2s-dev"
+    mknod -m 0666 "$ROOTFS/.r2s-dev/fuse" c "$((0x$(stat -c %t /dev/fuse)))" "$((0x$(stat -c %T /dev/fuse)))"
+    mount --bind "$ROOTFS/.r2s-dev/fuse" "$ROOTFS/dev/fuse"
+    umount -l "$ROOTFS/.r2s-dev"
+fi
 for f in /etc/passwd /etc/group /etc/hosts /etc/resolv.conf /etc/subuid /etc/subgid; do
     [ -f "$f" ] || continue
     [ -L "$ROOTFS$f" ] && rm -f "$ROOTFS$f"
@@ -522,7 +532,7 @@ EOF
                 >"$partial/etc/apt/apt.conf.d/99repo2singularity-valid-until"
             rm -f "$partial/etc/resolv.conf" && : >"$partial/etc/resolv.conf"
             rm -rf "${partial:?}"/var/cache/apt/archives/*.deb
-            mkdir -p "$partial/.oldroot" "$partial/work"
+            mkdir -p "$partial/.oldroot" "$partial/.r2s-dev" "$partial/work"
             remove_tree "$ROOTFS"
             mv "$partial" "$ROOTFS"
         fi
