@@ -33,11 +33,12 @@ if [ "$action" = check ]; then
 fi
 
 if [ "$(id -u)" -eq 0 ]; then
-    if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
-        echo "python: installing python3-venv"
-        apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
-    fi
     R2S_USER=$account bash setup/system.sh install
+    # the account needs a python it can run: root's own may live under /root
+    if ! runuser -u "$account" -- env -i PATH=/usr/local/bin:/usr/bin:/bin python3 -c 'import ensurepip, venv' 2>/dev/null; then
+        echo "python: installing python3 and python3-venv for $account"
+        apt-get update -qq && apt-get install -y -qq python3 python3-venv >/dev/null
+    fi
     workspace=$checkout
     if ! runuser -u "$account" -- test -r "$checkout/Snakefile" -a -x "$checkout/workflow"; then
         # the account cannot read this checkout (e.g. it is under /root): work on a copy

@@ -17,7 +17,8 @@ if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
     exit 1
 fi
 echo "python environment: installing the pinned requirements into $venv (about a minute)..."
-[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+# a venv made by another user's python (e.g. root's pyenv) may not run for this user: remake it
+"$venv/bin/python" -c '' 2>/dev/null || python3 -m venv --clear "$venv"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --requirement requirements.txt
 echo "$wanted" > "$stamp"
 echo "python environment: ready ($("$venv/bin/snakemake" --version | sed 's/^/snakemake /'), $("$venv/bin/repo2docker" --version | sed 's/^/repo2docker /'))"

@@ -348,10 +348,7 @@ step_base_image() {
 
 # The root-owned entry script used on Debian 12 (see TESTBED notes): a private mount
 # namespace with the sid root file system as /, then back to the calling user.
-write_entry_script() {
-    local tmp
-    mkdir -p "$(dirname "$ENTRY")"
-    tmp=$(mktemp "$ENTRY.XXXXXX")
+gen_entry_script() {
     {
         printf '#!/bin/bash\n'
         printf '# Installed by repo2singularity setup/system.sh; runs as root through sudo.\n'
@@ -445,54 +442,89 @@ if [ -z "${HOME:-}" ] || { [ "$HOME" = /root ] && [ "$uid" != 0 ]; }; then
     export HOME
 fi
 unset SUDO_COMMAND SUDO_USER SUDO_UID SUDO_GID SUDO_PS1 MAIL
+# glibc drops TMPDIR for set-uid programs such as sudo; the wrapper hands it over as
+# R2S_CALLER_TMPDIR (used only after the drop to the caller)
+if [ -n "${R2S_CALLER_TMPDIR+x}" ]; then
+    export TMPDIR="$R2S_CALLER_TMPDIR"
+    unset R2S_CALLER_TMPDIR
+fi
 exec setpriv --reuid "$uid" --regid "$gid" --init-groups -- /usr/bin/apptainer "$@"
 EOF
-    } >"$tmp"
-    chmod 0755 "$tmp"
-    chown root:root "$tmp"
-    mv -f "$tmp" "$ENTRY"
+    }
 }
 
-write_sudoers() {
-    local tmp
-    command -v visudo >/dev/null 2>&1 || die "apptainer: visudo not found (package sudo)"
-    tmp=$(mktemp /etc/sudoers.d/.repo2singularity.XXXXXX)
-    cat >"$tmp" <<EOF
+gen_sudoers() {
+    cat <<EOF
 # Installed by repo2singularity setup/system.sh: any user may run apptainer through the
 # root-owned entry script (it drops back to the caller before apptainer starts).
 # !use_pty, !pam_session, !pam_setcred: sudo execs the script directly (no sudo process
 # stays in between, signals reach apptainer); umask=0777: keep the caller's umask.
+# glibc removes TMPDIR from the environment of set-uid sudo, so the wrapper also passes it
+# as R2S_CALLER_TMPDIR.
 Defaults!$ENTRY !use_pty, !pam_session, !pam_setcred, !lecture, umask=0777
 Defaults!$ENTRY env_keep += "APPTAINER_* APPTAINERENV_* SINGULARITY_* SINGULARITYENV_*"
-Defaults!$ENTRY env_keep += "TMPDIR HOME"
+Defaults!$ENTRY env_keep += "TMPDIR HOME R2S_CALLER_TMPDIR"
 ALL ALL=(root) NOPASSWD: $ENTRY
 EOF
-    chmod 0440 "$tmp"
-    if ! visudo -cf "$tmp" >>"$SETUP_LOG" 2>&1; then
-        rm -f "$tmp"
-        die "apptainer: the sudoers rule did not validate (visudo -cf); see $SETUP_LOG"
-    fi
-    mv -f "$tmp" "$SUDOERS_FILE"
 }
 
-write_wrapper() {
-    local tmp
-    tmp=$(mktemp "$WRAPPER.XXXXXX")
-    cat >"$tmp" <<EOF
+gen_wrapper() {
+    cat <<EOF
 #!/bin/bash
 # Installed by repo2singularity setup/system.sh: apptainer from $ROOTFS
 # (Debian 12 has no apptainer package; see $ENTRY).
 set -euo pipefail
+# glibc removes TMPDIR from the environment of set-uid programs (sudo): hand it over by name
+if [ -n "\${TMPDIR+x}" ]; then
+    export R2S_CALLER_TMPDIR="\$TMPDIR"
+fi
 exec sudo -n $ENTRY "\$@"
 EOF
-    chmod 0755 "$tmp"
-    mv -f "$tmp" "$WRAPPER"
+}
+
+# install_generated GENERATOR DEST MODE: write GENERATOR's output to DEST (root-owned,
+# atomically) unless DEST already has exactly that content; returns 1 when unchanged.
+install_generated() {
+    local gen=$1 dest=$2 mode=$3 tmp
+    mkdir -p "$(dirname "$dest")"
+    tmp=$(mktemp "$(dirname "$dest")/.$(basename "$dest").XXXXXX")
+    "$gen" >"$tmp"
+    if [ -f "$dest" ] && cmp -s "$tmp" "$dest"; then
+        rm -f "$tmp"
+        return 1
+    fi
+    chmod "$mode" "$tmp"
+    chown root:root "$tmp"
+    if [ "$dest" = "$SUDOERS_FILE" ] && ! logged visudo -cf "$tmp"; then
+        rm -f "$tmp"
+        die "apptainer: the sudoers rule did not validate (visudo -cf); see $SETUP_LOG"
+    fi
+    mv -f "$tmp" "$dest"
+}
+
+# Entry script, sudo rule and wrapper of the sid rootfs route; prints what changed.
+install_rootfs_scripts() {
+    local changed=()
+    command -v visudo >/dev/null 2>&1 || die "apptainer: visudo not found (package sudo)"
+    if install_generated gen_entry_script "$ENTRY" 0755; then changed+=("$ENTRY"); fi
+    if install_generated gen_sudoers "$SUDOERS_FILE" 0440; then changed+=("$SUDOERS_FILE"); fi
+    if install_generated gen_wrapper "$WRAPPER" 0755; then changed+=("$WRAPPER"); fi
+    printf '%s' "${changed[*]}"
 }
 
 step_apptainer() {
     step_begin
-    local found major mirror partial
+    local found major mirror partial changed
     if found=$(apptainer_found); then
+        # our own sid-rootfs wrapper: keep its generated scripts current (no reinstall)
+        if [ "$(command -v apptainer)" = "$WRAPPER" ] && [ -x "$ROOTFS/usr/bin/apptainer" ] \
+            && grep -q 'Installed by repo2singularity' "$WRAPPER" 2>/dev/null; then
+            changed=$(install_rootfs_scripts)
+            if [ -n "$changed" ]; then
+                say "apptainer: present ($found, sid rootfs), updated: $changed"
+                return 0
+            fi
+        fi
         say "apptainer: present ($found)"
         return 0
     fi
@@ -536,9 +568,7 @@ EOF
             remove_tree "$ROOTFS"
             mv "$partial" "$ROOTFS"
         fi
-        write_entry_script
-        write_sudoers
-        write_wrapper
+        install_rootfs_scripts >/dev/null
     fi
     hash -r
     if ! found=$(apptainer_found); then
