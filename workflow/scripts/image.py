@@ -6,7 +6,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from steps import StepError, run_logged, temporary_sibling, write_json_atomic
+from steps import StepError, python_tool, run_logged, temporary_sibling, write_json_atomic
 
 LABEL_PREFIX = "repo2singularity"
 
@@ -32,7 +32,7 @@ def default_user_id():
 
 def repo2docker_command(source, tag, labels, user_name, user_id, subdir="", extra_args=()):
     command = [
-        "repo2docker",
+        python_tool("repo2docker"),
         "--no-run",
         "--image-name",
         tag,
@@ -51,7 +51,7 @@ def repo2docker_command(source, tag, labels, user_name, user_id, subdir="", extr
 
 
 def repo2docker_version():
-    result = subprocess.run(["repo2docker", "--version"], capture_output=True, text=True, check=True)
+    result = subprocess.run([python_tool("repo2docker"), "--version"], capture_output=True, text=True, check=True)
     return result.stdout.strip()
 
 

@@ -48,15 +48,18 @@ def run_logged(command, log_path, step, env=None, cwd=None):
     with open(log_path, "ab") as log:
         log.write(f"$ {' '.join(command)}\n".encode())
         log.flush()
-        process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=cwd,
-            preexec_fn=end_with_parent,
-        )
+        try:
+            process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=cwd,
+                preexec_fn=end_with_parent,
+            )
+        except FileNotFoundError:
+            raise StepError(f"{command[0]} not found; is it installed and on PATH? (bash setup.sh check)") from None
         finished = threading.Event()
 
         def heartbeat():
@@ -76,6 +79,13 @@ def run_logged(command, log_path, step, env=None, cwd=None):
     if returncode != 0:
         raise StepError(f"{step} failed (exit status {returncode}); see {log_path}:\n{tail(log_path)}")
     print(f"  {step}: done in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+
+
+def python_tool(name):
+    """A tool installed beside the running Python (the project's venv), else the one on PATH,
+    so the workflow works without the venv being activated."""
+    beside = Path(sys.executable).with_name(name)
+    return str(beside) if beside.exists() else name
 
 
 def temporary_sibling(path, suffix=""):
