@@ -234,10 +234,19 @@ step_docker_engine() {
         say "docker engine: running ($(docker_server_version))"
         return 0
     fi
-    if ! command -v dockerd >/dev/null 2>&1 || ! command -v docker >/dev/null 2>&1; then
-        say "docker engine: installing docker.io..."
-        apt_install docker.io
-        command -v dockerd >/dev/null 2>&1 || die "docker engine: docker.io installed but dockerd not found; see $SETUP_LOG"
+    local pkgs=()
+    command -v dockerd >/dev/null 2>&1 || pkgs+=(docker.io)
+    if ! command -v docker >/dev/null 2>&1; then
+        # Debian 13 ships the client separately (docker-cli, only recommended by docker.io)
+        if [ "$(debian_major)" -ge 13 ]; then pkgs+=(docker-cli); else pkgs+=(docker.io); fi
+    fi
+    if [ "${#pkgs[@]}" -gt 0 ]; then
+        mapfile -t pkgs < <(printf '%s\n' "${pkgs[@]}" | sort -u)
+        say "docker engine: installing ${pkgs[*]}..."
+        apt_install "${pkgs[@]}"
+        if ! command -v dockerd >/dev/null 2>&1 || ! command -v docker >/dev/null 2>&1; then
+            die "docker engine: ${pkgs[*]} installed but dockerd or docker not found; see $SETUP_LOG"
+        fi
     fi
     local pid=""
     if [ -r /var/run/docker.pid ]; then

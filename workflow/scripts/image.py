@@ -62,13 +62,13 @@ def inspect_image(tag):
     return json.loads(result.stdout)[0]
 
 
+def image_environment(image_config):
+    return dict(item.partition("=")[::2] for item in image_config.get("Env") or [])
+
+
 def working_folder(image_config):
     """Where the repository lives in the image: repo2docker's REPO_DIR, else WORKDIR."""
-    for item in image_config.get("Env") or []:
-        key, _, value = item.partition("=")
-        if key == "REPO_DIR" and value:
-            return value
-    return image_config.get("WorkingDir") or "/"
+    return image_environment(image_config).get("REPO_DIR") or image_config.get("WorkingDir") or "/"
 
 
 def build_image(source, tag, labels, receipt, log, user_name, user_id, subdir="", extra_args=()):
@@ -86,6 +86,7 @@ def build_image(source, tag, labels, receipt, log, user_name, user_id, subdir=""
             "repo2docker_version": repo2docker_version(),
             "labels": config.get("Labels") or {},
             "working_folder": working_folder(config),
+            "home": image_environment(config).get("HOME") or f"/home/{user_name}",
             "created": details.get("Created"),
             "size_bytes": details.get("Size"),
         },

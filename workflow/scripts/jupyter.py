@@ -28,13 +28,21 @@ def free_port(host=HOST):
         return probe.getsockname()[1]
 
 
-def server_command(runtime, sandbox, working_folder, env_file, jupyter_command, port, writable=True):
+def server_command(runtime, sandbox, image, env_file, jupyter_command, port, writable=True):
     """`run` keeps the image's entrypoint, so repo2docker's start script runs first; --pwd
     makes the repository the working folder; the token travels in an owner-only env file,
-    never on a command line that `ps` shows."""
-    command = [runtime, "run", "--cleanenv", "--env-file", str(env_file), "--pwd", working_folder]
+    never on a command line that `ps` shows.
+
+    A writable sandbox has no overlay, so the runtime would mount the user's home over the
+    image's /home and hide the repository there; instead the image's own home folder inside
+    the sandbox is the home, as on Binder."""
+    sandbox = Path(sandbox).resolve()
+    command = [runtime, "run", "--cleanenv", "--env-file", str(env_file), "--pwd", image["working_folder"]]
+    image_home = image.get("home", "")
     if writable:
         command.append("--writable")
+        if image_home.startswith("/") and (sandbox / image_home.lstrip("/")).is_dir():
+            command += ["--home", f"{sandbox}{image_home}:{image_home}"]
     command.append(str(sandbox))
     return command + list(jupyter_command) + [f"--ip={HOST}", f"--port={port}", "--no-browser"]
 
@@ -77,13 +85,13 @@ def wait_until_answering(process, url, token, timeout, server_log):
 
 
 def launch(runtime, sandbox, receipt, connection_file, server_log, jupyter_command, timeout, writable=True):
-    working_folder = json.loads(Path(receipt).read_text())["working_folder"]
+    image = json.loads(Path(receipt).read_text())
     token = secrets.token_hex(24)
     port = free_port()
     folder = Path(connection_file).parent
     env_file = create_owner_only(folder / ".jupyter.env", f"JUPYTER_TOKEN={token}\n")
     log_handle = open(create_owner_only(server_log), "ab")
-    command = server_command(runtime, sandbox, working_folder, env_file, jupyter_command, port, writable)
+    command = server_command(runtime, sandbox, image, env_file, jupyter_command, port, writable)
     process = subprocess.Popen(
         command,
         stdin=subprocess.DEVNULL,
