@@ -626,7 +626,11 @@ cmd_install() {
     step_base_image
     step_apptainer
     step_account
-    command -v git >/dev/null 2>&1 || { say "git: installing..."; apt_install git; }
+    if ! command -v git >/dev/null 2>&1; then
+        say "git: installing..."
+        apt_install git
+        say "git: installed ($(git --version | awk '{print $3}'))"
+    fi
     say "install: done in $((SECONDS - start))s"
     exec 9>&-
 }

@@ -176,6 +176,8 @@ def test_run_killed_during_the_sif_step_resumes_without_rebuilding_the_image(lau
     time.sleep(2)
     assert not (folder / "example.sif").exists(), "a killed SIF step left a finished-looking SIF"
     assert not (folder / "example.sif.sha256").exists()
+    # as Snakemake itself tells a user after a kill: release its lock, then run again
+    snakemake(workdir, "--unlock", config=config_for(repo))
     resumed = snakemake(workdir, "build", config=config_for(repo))
     assert "rule build_image" not in resumed.stderr + resumed.stdout
     assert "rule save_image" not in resumed.stderr + resumed.stdout
