@@ -1,0 +1,55 @@
+"""Our own logic around the tools: compression choice, the server command, atomic outputs."""
+
+import json
+import os
+import stat
+
+import pytest
+
+from jupyter import server_command
+from runtime import choose_compression, compression_arguments
+from steps import StepError, run_logged, write_json_atomic
+
+
+def test_auto_compression_is_zstd_where_the_runtime_takes_mksquashfs_args():
+    assert choose_compression("auto", True) == "zstd"
+    assert choose_compression("auto", False) is None
+    assert compression_arguments("zstd") == ["--mksquashfs-args", "-comp zstd -Xcompression-level 3"]
+    assert compression_arguments(None) == []
+
+
+def test_explicit_compression_without_support_is_a_clear_error():
+    assert choose_compression("gzip", False) is None
+    with pytest.raises(StepError, match="needs a runtime"):
+        choose_compression("lz4", False)
+
+
+def test_server_command_keeps_token_off_the_command_line_and_binds_loopback(tmp_path):
+    sandbox = tmp_path / "sandbox"
+    (sandbox / "home" / "jovyan").mkdir(parents=True)
+    image = {"working_folder": "/home/jovyan", "home": "/home/jovyan"}
+    command = server_command("apptainer", sandbox, image, tmp_path / "env", ["jupyter", "notebook"], 8888)
+    assert command[:2] == ["apptainer", "run"]
+    assert "--ip=127.0.0.1" in command and "--port=8888" in command
+    assert command[command.index("--pwd") + 1] == "/home/jovyan"
+    assert command[command.index("--home") + 1] == f"{sandbox.resolve()}/home/jovyan:/home/jovyan"
+    assert not any("token" in part.lower() for part in command)
+    read_only = server_command("apptainer", sandbox, image, tmp_path / "env", ["jupyter", "lab"], 1, writable=False)
+    assert "--writable" not in read_only and "--home" not in read_only
+
+
+def test_json_outputs_appear_whole_and_with_the_asked_mode(tmp_path):
+    target = tmp_path / "launch.json"
+    write_json_atomic(target, {"token": "x"}, mode=0o600)
+    assert json.loads(target.read_text()) == {"token": "x"}
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["launch.json"]
+
+
+def test_failing_tool_is_one_line_naming_the_log(tmp_path):
+    log = tmp_path / "step.log"
+    with pytest.raises(StepError, match=f"failed \\(exit status 3\\); see {log}"):
+        run_logged(["sh", "-c", "echo boom; exit 3"], log, "step")
+    assert "boom" in log.read_text()
+    with pytest.raises(StepError, match="no-such-tool not found"):
+        run_logged(["no-such-tool"], log, "step")
