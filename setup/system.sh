@@ -420,17 +420,20 @@ for f in /etc/passwd /etc/group /etc/hosts /etc/resolv.conf /etc/subuid /etc/sub
 done
 
 # The caller's folder at the same path, unless it is already visible through a bind above.
-# A folder that is a non-empty system folder of the root file system is not covered.
+# Not covered: a non-empty system folder of the root file system, or a path that runs
+# through a symbolic link inside the root file system.
 inside=0
 for d in "${bound[@]}"; do
     case "$cwd" in "$d"|"$d"/*) inside=1 ;; esac
 done
 if [ "$cwd" != / ] && [ "$inside" = 0 ]; then
-    if [ ! -e "$ROOTFS$cwd" ]; then
-        mkdir -p "$ROOTFS$cwd"
+    target="$ROOTFS$cwd"
+    if [ "$(realpath -m "$target")" = "$(realpath "$ROOTFS")$cwd" ]; then
+        [ -e "$target" ] || mkdir -p "$target"
     fi
-    if [ -d "$ROOTFS$cwd" ] && [ -z "$(ls -A "$ROOTFS$cwd")" ]; then
-        mount --bind "$cwd" "$ROOTFS$cwd"
+    if [ -d "$target" ] && [ ! -L "$target" ] && [ -z "$(ls -A "$target")" ] \
+        && [ "$(realpath "$target")" = "$(realpath "$ROOTFS")$cwd" ]; then
+        mount --bind "$cwd" "$target"
     else
         printf 'apptainer (repo2singularity entry): note: %s is a system folder of the apptainer root file system; relative paths refer to that copy\n' "$cwd" >&2
     fi
