@@ -16,7 +16,7 @@ from conftest import PROJECT
 from jupyter_client import api, execute
 from workflow_runner import snakemake
 
-RUNTIME = os.environ.get("R2S_RUNTIME", "apptainer")
+RUNTIME = os.environ.get("R2S_RUNTIME") or "apptainer"
 pytestmark = pytest.mark.integration
 
 
@@ -173,7 +173,11 @@ def test_run_killed_during_the_sif_step_resumes_without_rebuilding_the_image(lau
     receipt_mtime = (folder / "image.json").stat().st_mtime_ns
     run.send_signal(signal.SIGKILL)
     run.wait()
-    time.sleep(2)
+    # the step notices that the workflow is gone, stops its tools and removes its partial file
+    deadline = time.monotonic() + 60
+    while list(folder.glob(".example.sif.*partial*")):
+        assert time.monotonic() < deadline, "the killed SIF step left its partial file behind"
+        time.sleep(0.5)
     assert not (folder / "example.sif").exists(), "a killed SIF step left a finished-looking SIF"
     assert not (folder / "example.sif.sha256").exists()
     # as Snakemake itself tells a user after a kill: release its lock, then run again

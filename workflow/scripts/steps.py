@@ -30,6 +30,45 @@ def end_with_parent():
         pass
 
 
+def stop_session(process, grace_seconds=30):
+    """End a tool and everything it started (it runs in a session of its own)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            process.wait(timeout=grace_seconds)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def parent_of(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return int(handle.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def watch_workflow(poll_seconds=1.0):
+    """Snakemake runs a rule's script through a shell; if Snakemake itself is killed, that
+    shell lives on, so the kernel's parent-death signal alone would not reach this script.
+    Watch the shell's parent, and stop (SIGTERM to ourselves) when it changes."""
+    shell = os.getppid()
+    workflow = parent_of(shell)
+
+    def watch():
+        while True:
+            time.sleep(poll_seconds)
+            if os.getppid() != shell or parent_of(shell) != workflow:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def tail(path, lines=5):
     try:
         with open(path, "rb") as handle:
@@ -56,6 +95,7 @@ def run_logged(command, log_path, step, env=None, cwd=None):
                 stderr=subprocess.STDOUT,
                 env=env,
                 cwd=cwd,
+                start_new_session=True,
                 preexec_fn=end_with_parent,
             )
         except FileNotFoundError:
@@ -71,8 +111,7 @@ def run_logged(command, log_path, step, env=None, cwd=None):
         try:
             returncode = process.wait()
         except BaseException:
-            process.terminate()
-            process.wait()
+            stop_session(process)
             raise
         finally:
             finished.set()
@@ -136,6 +175,7 @@ def main(step, function):
     exception, so running tools are stopped and partial outputs removed on the way out."""
     signal.signal(signal.SIGTERM, stop_on_signal)
     end_with_parent()
+    watch_workflow()
     try:
         function()
     except StepError as error:
