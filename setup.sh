@@ -45,6 +45,8 @@ if [ "$(id -u)" -eq 0 ]; then
         workspace=$(getent passwd "$account" | cut -d: -f6)/repo2singularity
         echo "workspace: $account cannot read $checkout; copying it to $workspace"
         mkdir -p "$workspace"
+        # a fresh copy each time, keeping only the environment and the results
+        find "$workspace" -mindepth 1 -maxdepth 1 ! -name .venv ! -name results ! -name .snakemake -exec rm -rf {} +
         tar -c --exclude=./.venv --exclude=./results --exclude=./.snakemake . | tar -x -C "$workspace"
         chown -R "$account:" "$workspace"
     fi
