@@ -52,9 +52,11 @@ if [ "$(id -u)" -eq 0 ]; then
     fi
     # the bundled example is read from this git repository, which belongs to root: let the
     # account's git trust exactly this one (git refuses repositories of other owners)
-    if ! as_account git config --global --get-all safe.directory | grep -qxF "$workspace"; then
-        as_account git config --global --add safe.directory "$workspace"
-    fi
+    for trusted in "$workspace" "$workspace/.git"; do
+        if ! as_account git config --global --get-all safe.directory | grep -qxF "$trusted"; then
+            as_account git config --global --add safe.directory "$trusted"
+        fi
+    done
     for writable in .venv results .snakemake; do
         mkdir -p "$workspace/$writable"
         chown -R "$account:" "$workspace/$writable"
