@@ -182,6 +182,11 @@ def stop_all(results, names=None):
 
 def connection_message(connection_file):
     connection = json.loads(Path(connection_file).read_text())
+    if not process_alive(connection["pid"]):
+        return (
+            f"The Jupyter server recorded in {connection_file} no longer runs; "
+            "`snakemake --cores 1 stop`, then run again to launch a new one."
+        )
     return (
         f"Jupyter is running (pid {connection['pid']}) from {connection['sandbox']}\n"
         f"  open: {connection['url_with_token']}\n"
