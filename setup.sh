@@ -34,6 +34,10 @@ fi
 
 if [ "$(id -u)" -eq 0 ]; then
     R2S_USER=$account bash setup/system.sh install
+    if [ "$action" = test ]; then
+        # the Slurm tests need a running single-node cluster (tests/test_slurm.py)
+        bash setup/slurm.sh
+    fi
     # the account needs a python it can run: root's own may live under /root
     if ! runuser -u "$account" -- env -i PATH=/usr/local/bin:/usr/bin:/bin python3 -c 'import ensurepip, venv' 2>/dev/null; then
         echo "python: installing python3 and python3-venv for $account"
