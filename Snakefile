@@ -11,6 +11,7 @@ include: "workflow/rules/image.smk"
 include: "workflow/rules/sif.smk"
 include: "workflow/rules/sandbox.smk"
 include: "workflow/rules/launch.smk"
+include: "workflow/rules/summary.smk"
 
 
 rule all:

@@ -1,5 +1,6 @@
 import functools
 import sys
+import time
 from pathlib import Path
 
 from snakemake.utils import min_version, validate
@@ -27,7 +28,13 @@ except WorkflowError as error:
 try:
     # a relative repository path means the working directory, else this workflow's folder
     # (where the bundled example lives)
-    settings = builds.Settings.from_config(config, base_dirs=(".", workflow.basedir))
+    settings = builds.Settings.from_config(
+        config,
+        base_dirs=(".", workflow.basedir),
+        manifest_schema=Path(
+            workflow.basedir, "workflow", "schemas", "manifest.schema.yaml"
+        ),
+    )
 except builds.InvalidInput as error:
     fail(str(error))
 
@@ -37,13 +44,31 @@ wildcard_constraints:
     sha="[0-9a-f]{40}",
 
 
+RUN_STARTED = time.time()
+
+
 @functools.cache
-def get_resolved_builds():
+def get_resolution():
     """Resolve every ref once per run, and only when a target needs the commit."""
     try:
         return builds.resolve(settings, cache_dir=Path(RESULTS, ".cache", "git"))
     except builds.InvalidInput as error:
         fail(str(error))
+
+
+@functools.cache
+def get_resolved_builds():
+    return get_resolution().builds
+
+
+@functools.cache
+def get_sifs_before_run():
+    """Names whose SIF for the resolved commit existed when the run began: up to date."""
+    return {
+        b.name
+        for b in get_resolved_builds()
+        if Path(RESULTS, b.name, b.sha, f"{b.name}.sif").exists()
+    }
 
 
 def get_build(wildcards):
@@ -52,12 +77,20 @@ def get_build(wildcards):
 
 def get_targets(template):
     def targets(wildcards):
+        get_sifs_before_run()
         return [
             template.format(results=RESULTS, name=b.name, sha=b.sha)
             for b in get_resolved_builds()
         ]
 
     return targets
+
+
+def get_default_targets(wildcards):
+    """A manifest builds SIFs (launching hundreds of servers helps nobody); one repository
+    goes all the way to a running Jupyter server."""
+    step = "{name}.sif" if settings.from_manifest else "launch.json"
+    return get_targets(f"{{results}}/{{name}}/{{sha}}/{step}")(wildcards)
 
 
 def get_resolved_build(wildcards):
@@ -83,3 +116,17 @@ def get_step_benchmark(step):
 
 def get_image_tag(wildcards):
     return builds.image_tag(settings, wildcards.name, wildcards.sha)
+
+
+def write_run_summary():
+    """After a manifest run, successful or not: results/summary.{json,md}; the number of
+    images that failed."""
+    if not (settings.from_manifest and get_resolution.cache_info().currsize):
+        return 0
+    import summary
+
+    failed = summary.write_summary(
+        RESULTS, get_resolution(), get_sifs_before_run(), RUN_STARTED
+    )
+    print(Path(RESULTS, "summary.md").read_text())
+    return failed

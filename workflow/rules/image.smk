@@ -8,13 +8,16 @@ rule build_image:
     benchmark:
         get_step_benchmark("build_image")
     localrule: True
+    resources:
+        # how many Docker builds run at once: set with --resources docker_builds=N (profiles)
+        docker_builds=1,
     params:
         tag=get_image_tag,
         labels=get_image_labels,
         subdir=lambda wildcards: get_build(wildcards).repository.subdir,
         user_name=settings.user_name,
         user_id=settings.user_id,
-        extra_args=settings.repo2docker_args,
+        extra_args=lambda wildcards: get_build(wildcards).repo2docker_args,
     script:
         f"{SCRIPTS}/image.py"
 

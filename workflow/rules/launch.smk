@@ -43,3 +43,5 @@ onsuccess:
             connection_file = Path(RESULTS, build.name, build.sha, "launch.json")
             if connection_file.exists():
                 print(jupyter.connection_message(connection_file))
+    if write_run_summary():
+        fail("some images of the manifest failed; see results/summary.md")

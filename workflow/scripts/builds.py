@@ -1,9 +1,10 @@
 """What to build: the validated configuration as named build specs, and their refs resolved."""
 
-import os
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import manifest as manifest_file
 import naming
 from image import image_labels
 from repository import Repository, RepositoryError, check_ref, check_repository, resolve_ref
@@ -34,6 +35,54 @@ class BuildSpec:
     ref: str
     sha: str = ""
     resolved_ref: str = ""
+    repo2docker_args: tuple = ()
+    runtime_options: tuple = ()
+
+
+def check_build(values, base_dirs, default_repo2docker_args=()):
+    """One image: repository, ref and name checked; RepositoryError or InvalidName if bad."""
+    repository = check_repository(values["repo"], values.get("subdir", ""), base_dirs)
+    ref = check_ref(values.get("ref", ""))
+    if isinstance(values.get("ref"), int):
+        raise InvalidInput(
+            f"ref {ref} was read as a number (leading zeros are lost); "
+            f"quote a sha made of digits only: ref=\"'{ref}'\""
+        )
+    name = naming.check_name(values.get("name") or naming.default_name(repository.url, repository.subdir))
+    return BuildSpec(
+        name,
+        repository,
+        ref,
+        repo2docker_args=tuple(values.get("repo2docker_args", default_repo2docker_args)),
+        runtime_options=tuple(values.get("runtime_options", ())),
+    )
+
+
+def builds_from_manifest(path, schema_path, base_dirs, default_repo2docker_args):
+    """Every image of a manifest, or ManifestError listing every problem with its line."""
+    rows, problems = manifest_file.load_rows(path, manifest_file.load_schema(schema_path))
+    found = {}
+    first_line = {}
+    for row in rows:
+        name = row.values["name"]
+        if name in first_line:
+            problems.append(f"{path}:{row.line}: name {name!r} is already used on line {first_line[name]}")
+            continue
+        first_line[name] = row.line
+        try:
+            build = check_build(row.values, base_dirs, default_repo2docker_args)
+        except (RepositoryError, naming.InvalidName, InvalidInput) as error:
+            problems.append(f"{path}:{row.line}: {error}")
+            continue
+        found[build.name] = build
+    if problems:
+        raise manifest_file.ManifestError(sorted(problems, key=line_number))
+    return found
+
+
+def line_number(problem):
+    parts = problem.split(":")
+    return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
 
 
 @dataclass(frozen=True)
@@ -47,22 +96,24 @@ class Settings:
     jupyter_command: tuple
     launch_timeout: int
     launch_writable: bool
+    resolve_connections: int = 8
+    keep_sifs: int = 3
+    from_manifest: bool = False
     builds: dict = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, config, base_dirs=(".",)):
+    def from_config(cls, config, base_dirs=(".",), manifest_schema=None):
+        default_args = tuple(config["repo2docker_args"])
         try:
-            repository = check_repository(config["repo"], config.get("subdir", ""), base_dirs)
-            ref = check_ref(config.get("ref", ""))
-            if isinstance(config.get("ref"), int):
-                raise InvalidInput(
-                    f"ref {ref} was read as a number (leading zeros are lost); "
-                    f"quote a sha made of digits only: ref=\"'{ref}'\""
-                )
-            name = config.get("name") or naming.default_name(repository.url, repository.subdir)
-            name = naming.check_name(name)
+            if config.get("manifest"):
+                builds = builds_from_manifest(config["manifest"], manifest_schema, base_dirs, default_args)
+            else:
+                build = check_build(config, base_dirs, default_args)
+                builds = {build.name: build}
         except (RepositoryError, naming.InvalidName) as error:
             raise InvalidInput(str(error)) from None
+        except manifest_file.ManifestError as error:
+            raise InvalidInput(f"{len(error.problems)} problem(s) in the manifest:\n" + "\n".join(error.problems)) from None
         return cls(
             runtime=config["runtime"],
             image_prefix=config["image_prefix"],
@@ -73,20 +124,39 @@ class Settings:
             jupyter_command=tuple(config["jupyter_command"]),
             launch_timeout=config["launch_timeout"],
             launch_writable=config["launch_writable"],
-            builds={name: BuildSpec(name, repository, ref)},
+            resolve_connections=config["resolve_connections"],
+            keep_sifs=config["keep_sifs"],
+            from_manifest=bool(config.get("manifest")),
+            builds=builds,
         )
 
 
+@dataclass(frozen=True)
+class Resolution:
+    builds: list
+    failures: dict  # name -> why its ref could not be resolved
+
+
 def resolve(settings, cache_dir=None):
-    """Each build with its ref resolved to a full commit sha."""
-    resolved = []
-    for spec in settings.builds.values():
+    """Every build's ref resolved to a full commit sha, up to `resolve_connections` at once.
+
+    A repository that fails is recorded and the others go on; with a single repository (no
+    manifest) its failure is the run's error."""
+
+    def resolve_one(spec):
         try:
             found = resolve_ref(spec.repository, spec.ref, cache_dir)
         except RepositoryError as error:
-            raise InvalidInput(str(error)) from None
-        resolved.append(BuildSpec(spec.name, spec.repository, spec.ref, found.sha, found.ref))
-    return resolved
+            return spec, None, str(error)
+        return spec, replace(spec, sha=found.sha, resolved_ref=found.ref), None
+
+    specs = list(settings.builds.values())
+    with ThreadPoolExecutor(max_workers=min(settings.resolve_connections, max(1, len(specs)))) as pool:
+        outcomes = list(pool.map(resolve_one, specs))
+    failures = {spec.name: error for spec, _, error in outcomes if error}
+    if failures and not settings.from_manifest:
+        raise InvalidInput(next(iter(failures.values())))
+    return Resolution([build for _, build, _ in outcomes if build], failures)
 
 
 def labels(spec, sha):

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,12 +232,24 @@ def resolve_commit(repository, sha_prefix, advertised, cache_dir):
     return output.strip()
 
 
+MIRROR_LOCKS = {}
+MIRROR_LOCKS_GUARD = threading.Lock()
+
+
 def update_mirror(repository, cache_dir):
-    """A bare, blob-less copy of all branches and tags, to look commits up in."""
+    """A bare, blob-less copy of all branches and tags, to look commits up in; one fetch at a
+    time per repository, as refs are resolved in parallel."""
     import hashlib
 
     key = hashlib.sha256(repository.url.encode()).hexdigest()[:16]
     mirror = cache_dir / f"{key}.git"
+    with MIRROR_LOCKS_GUARD:
+        lock = MIRROR_LOCKS.setdefault(str(mirror), threading.Lock())
+    with lock:
+        return fetch_into_mirror(repository, mirror)
+
+
+def fetch_into_mirror(repository, mirror):
     if not mirror.exists():
         mirror.parent.mkdir(parents=True, exist_ok=True)
         run_git(["init", "--quiet", "--bare", str(mirror)], repository)

@@ -1,0 +1,115 @@
+"""Manifests: every malformed row reported with its line, all at once, before anything runs."""
+
+import pytest
+
+import builds
+from manifest import ManifestError
+from workflow_runner import PROJECT, last_line, snakemake
+
+SCHEMA = PROJECT / "workflow" / "schemas" / "manifest.schema.yaml"
+
+
+@pytest.fixture
+def repo(make_repo):
+    repo = make_repo("good")
+    repo.commit("first", {"Dockerfile": "FROM debian:bookworm\n"})
+    return repo
+
+
+def load(path):
+    return builds.builds_from_manifest(path, SCHEMA, (str(path.parent),), ())
+
+
+def problems_of(path):
+    with pytest.raises(ManifestError) as error:
+        load(path)
+    return error.value.problems
+
+
+def test_tsv_manifest_with_per_row_settings(tmp_path, repo):
+    manifest = tmp_path / "images.tsv"
+    manifest.write_text(
+        "# images we publish\n"
+        "name\trepo\tref\trepo2docker_args\n"
+        f"one\t{repo.path}\tmain\t--build-memory-limit 2G\n"
+        "\n"
+        f"Two\t{repo.path}\n"
+    )
+    found = load(manifest)
+    assert list(found) == ["one", builds.naming.check_name("Two")]
+    assert found["one"].repo2docker_args == ("--build-memory-limit", "2G")
+    assert found["one"].ref == "main" and found[builds.naming.check_name("Two")].ref == ""
+
+
+def test_every_problem_of_a_tsv_manifest_is_reported_with_its_line(tmp_path, repo):
+    manifest = tmp_path / "images.tsv"
+    manifest.write_text(
+        "name\trepo\tref\tcolour\n"  # line 1
+        f"ok\t{repo.path}\tmain\n"  # 2
+        f"ok\t{repo.path}\tmain\n"  # 3: duplicate name
+        f"dash\t{repo.path}\t--upload-pack=x\n"  # 4: option injection
+        f"escape/x\t{repo.path}\tmain\n"  # 5: name leaves results/
+        f"gone\t{tmp_path / 'nowhere'}\tmain\n"  # 6: no such repository
+        f"paint\t{repo.path}\tmain\tred\n"  # 7: unknown column
+        f"extra\t{repo.path}\tmain\tx\ty\n"  # 8: too many fields
+        "\trepo-only\n"  # 9: no name
+    )
+    problems = problems_of(manifest)
+    lines = [int(problem.split(":")[1]) for problem in problems]
+    assert lines == sorted(lines) and set(lines) == {3, 4, 5, 6, 7, 8, 9}
+    text = "\n".join(problems)
+    assert "already used on line 2" in text
+    assert "may not start with '-'" in text
+    assert "may not contain '/'" in text
+    assert "repository not found" in text
+    assert "'colour' was unexpected" in text
+    assert "5 fields, but the header (line 1) names 4" in text
+    assert "'name' is a required property" in text
+
+
+def test_yaml_manifest_problems_carry_lines(tmp_path, repo):
+    manifest = tmp_path / "images.yaml"
+    manifest.write_text(
+        "images:\n"
+        f"  - name: ok\n    repo: {repo.path}\n    ref: main\n"  # lines 2-4
+        f"  - name: digits\n    repo: {repo.path}\n    ref: 0123456\n"  # 5-7: a number
+        f"  - name: ok\n    repo: {repo.path}\n"  # 8-9: duplicate
+    )
+    problems = problems_of(manifest)
+    assert problems[0].startswith(f"{manifest}:5: ref: ") and "is not of type 'string'" in problems[0]
+    assert problems[1] == f"{manifest}:8: name 'ok' is already used on line 2"
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"\x00\x01\x02garbage", "manifest is binary"),
+        (b"\xff\xfe name", "not UTF-8"),
+        (b"", "manifest is empty"),
+        (b"images: [oops", "not valid YAML"),
+    ],
+)
+def test_garbage_is_one_clear_problem(tmp_path, content, message):
+    manifest = tmp_path / ("m.yaml" if b"images" in content else "m.tsv")
+    manifest.write_bytes(content)
+    assert message in problems_of(manifest)[0]
+
+
+def test_huge_manifest_is_refused_without_reading_it_all(tmp_path, repo):
+    manifest = tmp_path / "huge.tsv"
+    row = f"x\t{repo.path}\tmain\n"
+    with open(manifest, "w") as handle:
+        handle.write("name\trepo\tref\n")
+        handle.write(row * 1_000_000)
+    assert "at most" in problems_of(manifest)[0]
+
+
+def test_snakemake_reports_all_problems_before_running(tmp_path, repo):
+    manifest = tmp_path / "images.tsv"
+    manifest.write_text(f"name\trepo\tref\na\t{repo.path}\t-x\na\t{repo.path}\tmain\n")
+    result = snakemake(tmp_path, config={"manifest": manifest}, check=False)
+    assert result.returncode != 0
+    assert "2 problem(s) in the manifest" in result.stderr
+    assert f"{manifest}:2: ref may not start with '-'" in result.stderr
+    assert last_line(result) == f"{manifest}:3: name 'a' is already used on line 2"
+    assert not (tmp_path / "results").exists()

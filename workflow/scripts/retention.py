@@ -1,0 +1,70 @@
+"""Rule prune: keep the newest N SIFs of each name; remove older commits' folders (SIF, sandbox,
+source, logs). Never the newest, never one a running Jupyter server uses, never outside results/."""
+
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+from jupyter import process_alive
+from runtime import make_removable
+
+SHA_FOLDER = re.compile(r"[0-9a-f]{40}")
+
+
+def in_use(folder):
+    connection_file = folder / "launch.json"
+    if not connection_file.exists():
+        return False
+    try:
+        return process_alive(json.loads(connection_file.read_text())["pid"])
+    except (ValueError, KeyError, OSError):
+        return True  # unreadable: keep it rather than guess
+
+
+def commits_by_age(results, name):
+    """Commit folders of `name` that hold a SIF, newest SIF first."""
+    folders = []
+    for folder in Path(results, name).iterdir():
+        sif = folder / f"{name}.sif"
+        if SHA_FOLDER.fullmatch(folder.name) and folder.is_dir() and not folder.is_symlink() and sif.is_file():
+            folders.append((sif.stat().st_mtime, folder))
+    return [folder for _, folder in sorted(folders, reverse=True)]
+
+
+def prunable(results, keep, names=None):
+    """What `prune` would remove: (folder, reason kept or None) for each older commit."""
+    results = Path(results).resolve()
+    removable = []
+    for name_folder in sorted(p for p in results.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")):
+        if names and name_folder.name not in names:
+            continue
+        for folder in commits_by_age(results, name_folder.name)[keep:]:
+            if folder.resolve().parent.parent != results:
+                continue
+            if not in_use(folder):
+                removable.append(folder)
+    return removable
+
+
+def prune(results, keep, names=None, log=sys.stderr):
+    removed = []
+    for folder in prunable(results, keep, names):
+        make_removable(folder)
+        shutil.rmtree(folder)
+        removed.append(folder)
+        print(f"prune: removed {folder}", file=log)
+    return removed
+
+
+if "snakemake" in globals():
+    from steps import main
+
+    def prune_with_log():
+        with open(snakemake.log[0], "a") as log:
+            removed = prune(snakemake.params.results, snakemake.params.keep, snakemake.params.names, log=log)
+            print(f"prune: kept the newest {snakemake.params.keep} SIFs per name; removed {len(removed)} older commits", file=log)
+            print(f"prune: removed {len(removed)} older commits", file=sys.stderr)
+
+    main("prune", prune_with_log)

@@ -1,0 +1,92 @@
+"""The run summary of a manifest: per image up to date, built or failed (with the log and the
+last lines of the error), and how long its steps took, as JSON and as a Markdown table."""
+
+import csv
+import time
+from pathlib import Path
+
+from steps import tail, write_json_atomic, write_text_atomic
+
+# each step's output, in chain order: the first one missing names the step that failed
+STEP_OUTPUTS = (
+    ("clone_source", "source"),
+    ("build_image", "image.json"),
+    ("save_image", "image.tar"),
+    ("build_sif", "{name}.sif"),
+)
+
+
+def sif_path(results, name, sha):
+    return Path(results, name, sha, f"{name}.sif")
+
+
+def step_seconds(folder, since):
+    """Seconds spent by the steps that ran since `since`, from their benchmark files."""
+    total = 0.0
+    for benchmark in Path(folder, "benchmarks").glob("*.tsv"):
+        if benchmark.stat().st_mtime < since:
+            continue
+        with open(benchmark) as handle:
+            for record in csv.DictReader(handle, delimiter="\t"):
+                total += float(record.get("s") or 0)
+    return round(total, 1)
+
+
+def failed_step(folder, name):
+    for step, output in STEP_OUTPUTS:
+        if step == "save_image" and (folder / f"{name}.sif").exists():
+            continue  # the saved image is temporary: gone once the SIF exists
+        if not (folder / output.format(name=name)).exists():
+            return step
+    return None
+
+
+def image_rows(results, resolution, sifs_before, started):
+    rows = []
+    for build in resolution.builds:
+        folder = Path(results, build.name, build.sha)
+        row = {"name": build.name, "repo": build.repository.display_url, "ref": build.resolved_ref, "sha": build.sha}
+        if sif_path(results, build.name, build.sha).exists():
+            row["status"] = "up to date" if build.name in sifs_before else "built"
+            row["seconds"] = step_seconds(folder, started)
+            row["sif_bytes"] = sif_path(results, build.name, build.sha).stat().st_size
+        else:
+            step = failed_step(folder, build.name) or "build_sif"
+            log = folder / "logs" / f"{step}.log"
+            row.update(status="failed", step=step, log=str(log), error=tail(log, 5) or "(no log: not started)")
+            row["seconds"] = step_seconds(folder, started)
+        rows.append(row)
+    for name, error in sorted(resolution.failures.items()):
+        rows.append({"name": name, "status": "failed", "step": "resolve", "error": error, "seconds": 0.0})
+    return sorted(rows, key=lambda row: row["name"])
+
+
+def markdown(rows, elapsed):
+    counts = {status: sum(row["status"] == status for row in rows) for status in ("built", "up to date", "failed")}
+    lines = [
+        f"# repo2singularity run summary",
+        "",
+        f"{len(rows)} images: {counts['built']} built, {counts['up to date']} up to date, "
+        f"{counts['failed']} failed; {elapsed:.0f} s.",
+        "",
+        "| name | status | commit | seconds | details |",
+        "|---|---|---|---:|---|",
+    ]
+    for row in rows:
+        if row["status"] == "failed":
+            error = " ".join(row["error"].split())[-300:].replace("|", "\\|")
+            details = f"{row['step']} failed: {error}" + (f" (log: `{row['log']}`)" if row.get("log") else "")
+        else:
+            details = f"{row['sif_bytes'] / 1e6:.0f} MB SIF"
+        lines.append(f"| {row['name']} | {row['status']} | {row.get('sha', '')[:12]} | {row['seconds']} | {details} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(results, resolution, sifs_before, started):
+    """Write results/summary.json and results/summary.md; return the number of failures."""
+    elapsed = time.time() - started
+    rows = image_rows(results, resolution, sifs_before, started)
+    failed = sum(row["status"] == "failed" for row in rows)
+    write_json_atomic(Path(results, "summary.json"), {"images": rows, "failed": failed, "seconds": round(elapsed, 1)})
+    write_text_atomic(Path(results, "summary.md"), markdown(rows, elapsed))
+    return failed
