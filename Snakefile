@@ -17,4 +17,4 @@ include: "workflow/rules/summary.smk"
 rule all:
     default_target: True
     input:
-        rules.launch.input,
+        get_default_targets,

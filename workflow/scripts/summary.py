@@ -52,7 +52,7 @@ def image_rows(results, resolution, sifs_before, started):
             row["sif_bytes"] = sif_path(results, build.name, build.sha).stat().st_size
         else:
             step = failed_step(folder, build.name) or "build_sif"
-            log = folder / "logs" / f"{step}.log"
+            log = (folder / "logs" / f"{step}.log").resolve()
             row.update(status="failed", step=step, log=str(log), error=tail(log, 5) or "(no log: not started)")
             row["seconds"] = step_seconds(folder, started)
         rows.append(row)
