@@ -7,8 +7,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from jupyter import process_alive
 from runtime import make_removable
+from steps import process_alive
 
 SHA_FOLDER = re.compile(r"[0-9a-f]{40}")
 

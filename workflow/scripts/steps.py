@@ -44,6 +44,16 @@ def stop_session(process, grace_seconds=30):
             continue
 
 
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, but another user's
+    return True
+
+
 def parent_of(pid):
     try:
         with open(f"/proc/{pid}/stat") as handle:
