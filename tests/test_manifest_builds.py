@@ -103,3 +103,13 @@ def test_prune_keeps_exactly_the_newest_and_any_image_in_use(fleet):
     assert {p.name for p in (workdir / "results" / "alpha").iterdir()} == {newest}
     assert [p.parent.name for p in (workdir / "results" / "beta").glob("*/beta.sif")] == [repos["beta"].head()]
     assert outside.exists() and (workdir / "results" / "summary.json").exists()
+
+
+def test_report_is_one_html_page_with_each_image(fleet):
+    repos, workdir, _ = fleet
+    manifest = workdir.parent / "good.tsv"
+    snakemake(workdir, "--report", "report.html", config={"manifest": manifest})
+    page = (workdir / "report.html").read_text()
+    assert "alpha.card.html" in page and "beta.card.html" in page
+    card = (workdir / "results" / "beta" / repos["beta"].head() / "beta.card.html").read_text()
+    assert "SIF size" in card and "build_sif (s)" in card

@@ -89,8 +89,12 @@ def get_targets(template):
 def get_default_targets(wildcards):
     """A manifest builds SIFs (launching hundreds of servers helps nobody); one repository
     goes all the way to a running Jupyter server."""
-    step = "{name}.sif" if settings.from_manifest else "launch.json"
-    return get_targets(f"{{results}}/{{name}}/{{sha}}/{step}")(wildcards)
+    steps = ["{name}.card.html"] if settings.from_manifest else ["launch.json"]
+    return [
+        target
+        for step in steps
+        for target in get_targets(f"{{results}}/{{name}}/{{sha}}/{step}")(wildcards)
+    ]
 
 
 def get_resolved_build(wildcards):

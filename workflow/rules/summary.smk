@@ -1,3 +1,27 @@
+rule describe_image:
+    input:
+        receipt=rules.build_image.output.receipt,
+        sif=rules.build_sif.output.sif,
+    output:
+        card=report(
+            f"{RESULTS}/{{name}}/{{sha}}/{{name}}.card.html",
+            category="Images",
+            labels={"name": "{name}", "commit": "{sha}"},
+        ),
+    log:
+        get_step_log("describe_image"),
+    benchmark:
+        get_step_benchmark("describe_image")
+    localrule: True
+    params:
+        benchmarks=lambda wildcards: [
+            f"{RESULTS}/{wildcards.name}/{wildcards.sha}/benchmarks/{step}.tsv"
+            for step in ("clone_source", "build_image", "save_image", "build_sif")
+        ],
+    script:
+        f"{SCRIPTS}/summary.py"
+
+
 rule prune:
     log:
         f"{RESULTS}/logs/prune.log",

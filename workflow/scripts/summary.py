@@ -90,3 +90,43 @@ def write_summary(results, resolution, sifs_before, started):
     write_json_atomic(Path(results, "summary.json"), {"images": rows, "failed": failed, "seconds": round(elapsed, 1)})
     write_text_atomic(Path(results, "summary.md"), markdown(rows, elapsed))
     return failed
+
+
+def image_card(name, sha, receipt, sif, benchmarks):
+    """A small HTML table for `snakemake --report`: what was built, and how long each step took."""
+    import html
+    import json
+
+    image = json.loads(Path(receipt).read_text())
+    labels = image.get("labels", {})
+    rows = [
+        ("name", name),
+        ("repository", labels.get("repo2singularity.repo", "")),
+        ("ref", labels.get("repo2singularity.ref", "")),
+        ("commit", sha),
+        ("image", image["tag"]),
+        ("repo2docker", image.get("repo2docker_version", "")),
+        ("SIF size", f"{Path(sif).stat().st_size / 1e6:.1f} MB"),
+    ]
+    for benchmark in sorted(b for b in benchmarks if Path(b).exists()):
+        with open(benchmark) as handle:
+            record = next(csv.DictReader(handle, delimiter="\t"), {})
+        rows.append((f"{Path(benchmark).stem} (s)", record.get("s", "")))
+    cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    return f"<table>{cells}</table>\n"
+
+
+if "snakemake" in globals():
+    from steps import main
+
+    def write_card():
+        card = image_card(
+            snakemake.wildcards.name,
+            snakemake.wildcards.sha,
+            snakemake.input.receipt,
+            snakemake.input.sif,
+            snakemake.params.benchmarks,
+        )
+        write_text_atomic(snakemake.output.card, card)
+
+    main("describe_image", write_card)
