@@ -37,6 +37,13 @@ if [ "$(id -u)" -eq 0 ]; then
     if [ "$action" = test ]; then
         # the Slurm tests need a running single-node cluster (tests/test_slurm.py)
         bash setup/slurm.sh
+        # the full-disk test writes results onto a small file system (tests/test_faults.py)
+        small=/mnt/r2s-small
+        if ! mountpoint -q "$small"; then
+            mkdir -p "$small"
+            mount -t tmpfs -o size=600m,mode=0755 r2s-small "$small"
+        fi
+        chown "$account:" "$small"
     fi
     # the account needs a python it can run: root's own may live under /root
     if ! runuser -u "$account" -- env -i PATH=/usr/local/bin:/usr/bin:/bin python3 -c 'import ensurepip, venv' 2>/dev/null; then

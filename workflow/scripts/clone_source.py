@@ -4,15 +4,20 @@ from repository import Repository, RepositoryError, clone_commit
 from steps import StepError, main
 
 
-def clone(url, sha, destination):
-    try:
-        clone_commit(Repository(url), sha, destination)
-    except RepositoryError as error:
-        raise StepError(str(error)) from None
+def clone(url, sha, destination, log):
+    repository = Repository(url)
+    with open(log, "a") as handle:
+        print(f"cloning {repository.display_url} at {sha}", file=handle, flush=True)
+        try:
+            clone_commit(repository, sha, destination)
+        except RepositoryError as error:
+            print(error, file=handle)
+            raise StepError(str(error)) from None
+        print(f"checked out into {destination}", file=handle)
 
 
 if "snakemake" in globals():
     main(
         "clone_source",
-        lambda: clone(snakemake.params.url, snakemake.wildcards.sha, snakemake.output.source),
+        lambda: clone(snakemake.params.url, snakemake.wildcards.sha, snakemake.output.source, snakemake.log[0]),
     )

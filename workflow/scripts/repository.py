@@ -277,6 +277,18 @@ def clone_commit(repository, sha, destination):
     destination = Path(destination)
     partial = destination.with_name(destination.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
+    try:
+        fetch_commit(repository, sha, partial)
+        if destination.exists():
+            shutil.rmtree(destination)
+        os.rename(partial, destination)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return destination
+
+
+def fetch_commit(repository, sha, partial):
     run_git(["init", "--quiet", str(partial)], repository)
     try:
         run_git(["fetch", "--quiet", "--depth", "1", "--", repository.url, sha], repository, cwd=partial)
@@ -293,7 +305,4 @@ def clone_commit(repository, sha, destination):
         raise RepositoryError(f"checked out {checked_out} instead of {sha}")
     if repository.subdir and not (partial / repository.subdir).is_dir():
         raise RepositoryError(f"subdir {repository.subdir!r} does not exist at commit {sha[:12]}")
-    if destination.exists():
-        shutil.rmtree(destination)
-    os.rename(partial, destination)
-    return destination
+

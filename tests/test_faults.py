@@ -1,0 +1,150 @@
+"""Faults, with the real tools: the workflow killed during each step, two runs at once, a full
+disk during the SIF step. Each case checks what a user would: the rerun completes, nothing
+before the killed step is redone, and no finished-looking file is left behind."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import PROJECT, GitRepo
+from workflow_runner import SNAKEMAKE, snakemake
+
+pytestmark = pytest.mark.integration
+
+# a small filesystem made by `bash setup.sh test` (root) for the full-disk case
+SMALL_FILESYSTEM = Path(os.environ.get("R2S_SMALL_FS") or "/mnt/r2s-small")
+
+# each step's output under results/{name}/{sha}/, in chain order
+OUTPUTS = {
+    "clone_source": "source",
+    "build_image": "image.json",
+    "save_image": "image.tar",
+    "build_sif": "faults.sif",
+    "unpack_sandbox": "sandbox",
+}
+STEPS = list(OUTPUTS)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    base = tmp_path_factory.mktemp("faults")
+    repo = GitRepo(base / "repo")
+    # a large file makes the clone last long enough to be killed in the middle of it
+    repo.commit("first", {"Dockerfile": "FROM debian:bookworm\nRUN echo faults > /faults\n"})
+    (repo.path / "data.bin").write_bytes(os.urandom(40 << 20))
+    repo.commit("data")
+    return repo
+
+
+def config_for(repo):
+    return {"repo": repo.path, "ref": "main", "name": "faults"}
+
+
+def start(workdir, repo, target="sandbox"):
+    command = [SNAKEMAKE, "--snakefile", str(PROJECT / "Snakefile"), "--directory", str(workdir), "--cores", "2", target]
+    command += ["--config", f"repo={repo.path}", "ref=main", "name=faults"]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def step_started(folder, step):
+    if step == "clone_source":
+        return (folder / "source.partial").exists()
+    log = folder / "logs" / f"{step}.log"
+    return log.exists() and log.stat().st_size > 0
+
+
+def leftovers(folder):
+    return [p.name for p in folder.iterdir() if ".partial" in p.name] if folder.exists() else []
+
+
+@pytest.mark.parametrize("killed", STEPS)
+def test_killed_during_each_step_resumes_without_redoing_earlier_steps(tmp_path, repo, killed):
+    sha = repo.commit(f"for {killed}", {"step.txt": killed})
+    folder = tmp_path / "results" / "faults" / sha
+    run = start(tmp_path, repo)
+    deadline = time.monotonic() + 600
+    while not step_started(folder, killed):
+        assert run.poll() is None, f"the workflow ended before {killed}:\n{run.stdout.read()[-3000:]}"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait()
+
+    index = STEPS.index(killed)
+    earlier = {step: folder / OUTPUTS[step] for step in STEPS[:index] if step != "save_image"}
+    before = {step: path.stat().st_mtime_ns for step, path in earlier.items()}
+    deadline = time.monotonic() + 60
+    while leftovers(folder):
+        assert time.monotonic() < deadline, f"partial files left by the killed step: {leftovers(folder)}"
+        time.sleep(0.5)
+    for step in STEPS[index:]:
+        if step != "save_image" or killed == "save_image":
+            assert not (folder / OUTPUTS[step]).exists(), f"{step} left an output after a kill during {killed}"
+
+    snakemake(tmp_path, "--unlock", config=config_for(repo))
+    rerun = snakemake(tmp_path, "sandbox", config=config_for(repo))
+    for step in STEPS[:index]:
+        assert f"rule {step}:" not in rerun.stdout + rerun.stderr, f"{step} was redone after a kill during {killed}"
+    assert {step: path.stat().st_mtime_ns for step, path in earlier.items()} == before
+    digest = (folder / "faults.sif.sha256").read_text().split()[0]
+    assert subprocess.run(["sha256sum", folder / "faults.sif"], capture_output=True, text=True).stdout.split()[0] == digest
+    assert (folder / "sandbox" / "faults").exists()
+
+
+def test_a_second_run_on_the_same_results_is_refused_clearly(tmp_path, repo):
+    repo.commit("concurrent", {"step.txt": "concurrent"})
+    first = start(tmp_path, repo, target="build")
+    try:
+        time.sleep(3)
+        assert first.poll() is None
+        second = snakemake(tmp_path, "build", config=config_for(repo), check=False)
+        assert second.returncode != 0
+        assert "Directory cannot be locked" in second.stdout + second.stderr
+    finally:
+        output, _ = first.communicate(timeout=900)
+    assert first.returncode == 0, output[-3000:]
+    sha = repo.head()
+    folder = tmp_path / "results" / "faults" / sha
+    digest = (folder / "faults.sif.sha256").read_text().split()[0]
+    assert subprocess.run(["sha256sum", folder / "faults.sif"], capture_output=True, text=True).stdout.split()[0] == digest
+
+
+def test_full_disk_during_the_sif_step_leaves_no_sif_and_the_next_run_succeeds(repo):
+    assert SMALL_FILESYSTEM.is_dir() and os.access(SMALL_FILESYSTEM, os.W_OK), (
+        f"{SMALL_FILESYSTEM} is missing: `bash setup.sh test` (as root) mounts it for this test"
+    )
+    workdir = SMALL_FILESYSTEM / f"work-{os.getpid()}"
+    workdir.mkdir()
+    filler = SMALL_FILESYSTEM / f"filler-{os.getpid()}"
+    try:
+        repo.commit("full disk", {"step.txt": "full disk"})
+        sha = repo.head()
+        folder = workdir / "results" / "faults" / sha
+        # up to the saved image, with room to spare
+        snakemake(workdir, f"results/faults/{sha}/image.tar", config=config_for(repo))
+        free = os.statvfs(SMALL_FILESYSTEM)
+        # leave less room than the SIF needs
+        with open(filler, "wb") as handle:
+            handle.truncate(0)
+            left = free.f_bavail * free.f_frsize - (8 << 20)
+            chunk = b"\0" * (1 << 20)
+            for _ in range(max(0, left) >> 20):
+                handle.write(chunk)
+        failed = snakemake(workdir, "build", config=config_for(repo), check=False)
+        assert failed.returncode != 0
+        assert "build_sif" in failed.stdout + failed.stderr
+        assert not (folder / "faults.sif").exists() and not (folder / "faults.sif.sha256").exists()
+        assert not leftovers(folder)
+        filler.unlink()
+        snakemake(workdir, "build", config=config_for(repo))
+        digest = (folder / "faults.sif.sha256").read_text().split()[0]
+        assert subprocess.run(["sha256sum", folder / "faults.sif"], capture_output=True, text=True).stdout.split()[0] == digest
+    finally:
+        filler.unlink(missing_ok=True)
+        subprocess.run(["chmod", "-R", "u+w", workdir])
+        subprocess.run(["rm", "-rf", workdir])
