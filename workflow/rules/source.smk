@@ -7,6 +7,8 @@ rule clone_source:
         get_step_benchmark("clone_source")
     localrule: True
     params:
-        url=lambda wildcards: get_build(wildcards).repository.url,
+        # an object, not the URL: Snakemake records plain params in .snakemake/metadata, and
+        # a URL may hold credentials
+        repository=lambda wildcards: get_build(wildcards).repository,
     script:
         f"{SCRIPTS}/clone_source.py"

@@ -1,11 +1,10 @@
 """Rule clone_source: check out exactly the resolved commit."""
 
-from repository import Repository, RepositoryError, clone_commit
+from repository import RepositoryError, clone_commit
 from steps import StepError, main
 
 
-def clone(url, sha, destination, log):
-    repository = Repository(url)
+def clone(repository, sha, destination, log):
     with open(log, "a") as handle:
         print(f"cloning {repository.display_url} at {sha}", file=handle, flush=True)
         try:
@@ -19,5 +18,5 @@ def clone(url, sha, destination, log):
 if "snakemake" in globals():
     main(
         "clone_source",
-        lambda: clone(snakemake.params.url, snakemake.wildcards.sha, snakemake.output.source, snakemake.log[0]),
+        lambda: clone(snakemake.params.repository, snakemake.wildcards.sha, snakemake.output.source, snakemake.log[0]),
     )

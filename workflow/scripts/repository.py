@@ -68,6 +68,10 @@ class Repository:
     def display_url(self):
         return redact_url(self.url)
 
+    def __repr__(self):
+        # whatever prints this object (an error message, a debug log) shows no credentials
+        return f"Repository({self.display_url!r}, subdir={self.subdir!r})"
+
 
 def check_repository(spec, subdir="", base_dirs=(".",)):
     """Validate a repository given by the user; local folders become absolute paths, looked
