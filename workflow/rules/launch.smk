@@ -1,3 +1,13 @@
+import os
+import time
+
+import jupyter
+
+# `servers` and `stop` have no outputs; Snakemake counts a log as one, so a fixed log name would
+# make every later call "nothing to be done": each call gets its own
+CALL_STAMP = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
+
+
 rule launch_jupyter:
     input:
         sandbox=rules.unpack_sandbox.output.sandbox,
@@ -8,12 +18,18 @@ rule launch_jupyter:
         get_step_log("launch_jupyter"),
     benchmark:
         get_step_benchmark("launch_jupyter")
+    # a local server must outlive the rule, and a Slurm launch submits its own job and only
+    # waits for it: neither may run inside a job of the Slurm executor
+    localrule: True
     params:
         runtime=settings.runtime,
         server_log=f"{RESULTS}/{{name}}/{{sha}}/logs/jupyter-server.log",
         jupyter_command=settings.jupyter_command,
         timeout=settings.launch_timeout,
         writable=settings.launch_writable,
+        idle_timeout=config["idle_timeout"],
+        launch_on=config["launch_on"],
+        slurm=jupyter.slurm_settings(config),
     script:
         f"{SCRIPTS}/jupyter.py"
 
@@ -23,9 +39,23 @@ rule launch:
         get_targets("{results}/{name}/{sha}/launch.json"),
 
 
+rule servers:
+    log:
+        f"{RESULTS}/logs/servers/{CALL_STAMP}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/servers/{CALL_STAMP}.tsv"
+    localrule: True
+    params:
+        results=RESULTS,
+    script:
+        f"{SCRIPTS}/jupyter.py"
+
+
 rule stop:
     log:
-        f"{RESULTS}/logs/stop.log",
+        f"{RESULTS}/logs/stop/{CALL_STAMP}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/stop/{CALL_STAMP}.tsv"
     localrule: True
     params:
         names=list(settings.builds),
@@ -37,8 +67,6 @@ rule stop:
 onsuccess:
     # only where this run resolved refs: `stop` and `--lint` must not touch the network
     if get_resolved_builds.cache_info().currsize:
-        import jupyter
-
         for build in get_resolved_builds():
             connection_file = Path(RESULTS, build.name, build.sha, "launch.json")
             if connection_file.exists():

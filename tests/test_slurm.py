@@ -1,0 +1,345 @@
+"""Sandbox and Jupyter on a real single-node Slurm cluster (bash setup/slurm.sh starts it), run
+by an unprivileged account with the Slurm profile, as on an HPC login node. The first tests are
+unit tests of the launch's own logic; they need no cluster."""
+
+import getpass
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+import jupyter
+import slurm
+from conftest import PROJECT
+from jupyter_client import api, execute
+from steps import StepError
+from workflow_runner import last_line, snakemake
+
+PROFILE = str(PROJECT / "profiles" / "slurm")
+PARTITION = "debug"
+
+
+# ------------------------------------------------------------------ units
+
+
+def test_sbatch_command_is_an_argument_list_with_only_the_asked_settings(tmp_path):
+    command = slurm.sbatch_command(
+        tmp_path / "job", "r2s-jupyter-x", tmp_path / "log", tmp_path, partition="gpu", time_limit="1:00:00",
+        cpus=4, mem_mb=8000, gpus=1, extra_args=["--qos=short; rm -rf /"],
+    )
+    assert command[0] == "sbatch" and command[-1] == str(tmp_path / "job")
+    for expected in ("--partition=gpu", "--time=1:00:00", "--cpus-per-task=4", "--mem=8000M", "--gpus=1", "--parsable"):
+        assert expected in command
+    # extra arguments stay one word each: no shell ever sees them
+    assert "--qos=short; rm -rf /" in command
+    bare = slurm.sbatch_command(tmp_path / "job", "n", tmp_path / "log", tmp_path, cpus=1)
+    assert not any(word.startswith(("--partition", "--time", "--mem", "--gpus")) for word in bare)
+
+
+def test_refusal_reason_is_slurms_last_line_without_prefixes():
+    stderr = "sbatch: error: Memory specification can not be satisfied\nsbatch: error: Batch job submission failed: Requested node configuration is not available\n"
+    assert slurm.refusal_reason(stderr) == "Requested node configuration is not available"
+    assert slurm.refusal_reason("") == "sbatch failed without a message"
+
+
+def test_job_script_quotes_every_word(tmp_path):
+    script = slurm.job_script("/venv/bin/python", "/w/jupyter.py", tmp_path / "node.json", ["apptainer", "run", "/a b/sandbox", "$(x)"])
+    assert script.startswith("#!/bin/sh\n")
+    assert "'/a b/sandbox'" in script and "'$(x)'" in script
+    assert " serve " in script and " -- apptainer run " in script
+
+
+def test_culling_settings_follow_the_jupyter_application():
+    assert jupyter.culling_arguments(["jupyter", "notebook"], 0) == []
+    classic = jupyter.culling_arguments(["jupyter", "notebook"], 600)
+    assert "--NotebookApp.shutdown_no_activity_timeout=600" in classic
+    assert "--MappingKernelManager.cull_idle_timeout=600" in classic
+    assert "--MappingKernelManager.cull_interval=60" in classic
+    assert "--ServerApp.shutdown_no_activity_timeout=20" in jupyter.culling_arguments(["jupyter", "lab"], 20)
+
+
+def test_server_command_for_a_slurm_job_leaves_address_and_port_to_the_node(tmp_path):
+    sandbox = tmp_path / "sandbox"
+    (sandbox / "home" / "jovyan").mkdir(parents=True)
+    image = {"working_folder": "/home/jovyan", "home": "/home/jovyan"}
+    command = jupyter.server_command(
+        "apptainer", sandbox, image, tmp_path / "env", ["jupyter", "notebook"], None, runtime_args=["--nv"], jupyter_args=["--x=1"]
+    )
+    assert command[:3] == ["apptainer", "run", "--nv"]
+    assert "--x=1" in command
+    assert not any(word.startswith(("--ip", "--port")) for word in command)
+    assert not any("token" in word.lower() for word in command)
+
+
+def test_age_listing_and_tunnel():
+    started = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    assert jupyter.age(started.isoformat(), started + timedelta(seconds=42)) == "42s"
+    assert jupyter.age(started.isoformat(), started + timedelta(minutes=3, seconds=5)) == "3m05s"
+    assert jupyter.age(started.isoformat(), started + timedelta(hours=2, minutes=7)) == "2h07m"
+    assert jupyter.ssh_tunnel("10.1.2.3", 40001, "login.example.org", "ann") == "ssh -N -L 40001:10.1.2.3:40001 ann@login.example.org"
+    assert jupyter.format_servers([]) == "no Jupyter servers recorded"
+    row = {"name": "x", "sha": "0123456789ab", "state": "running", "age": "1s", "where": "Slurm job 7 on n1", "url": "http://n1:1/", "details": "d"}
+    table = jupyter.format_servers([row]).splitlines()
+    assert table[0].split()[:4] == ["NAME", "SHA", "STATE", "AGE"] and "Slurm job 7 on n1" in table[1]
+
+
+def test_relaunch_retires_the_previous_local_server_and_stop_marks_it_ended(tmp_path):
+    def started(folder):
+        process = subprocess.Popen(["sleep", "60"], start_new_session=True)
+        connection = {"pid": process.pid, "url": "http://127.0.0.1:1/", "started": jupyter.now()}
+        jupyter.record_launch(folder / "launch.json", connection)
+        return process, connection
+
+    folder = tmp_path / "results" / "x" / ("0" * 40)
+    folder.mkdir(parents=True)
+    first, _ = started(folder)
+    # Snakemake deletes launch.json before it reruns the launch; the record remains
+    (folder / "launch.json").unlink()
+    jupyter.retire_previous(folder / "launch.json")
+    assert first.wait(timeout=30) is not None
+    assert json.loads((folder / "launch.ended.json").read_text())["replaced"] is True
+    second, connection = started(folder)
+    assert [row["state"] for row in jupyter.server_rows(tmp_path / "results")] == ["running"]
+    assert jupyter.stop_all(tmp_path / "results") == [(folder / "launch.json", True)]
+    assert second.wait(timeout=30) is not None
+    assert not (folder / "launch.json").exists() and not jupyter.record_file(folder / "launch.json").exists()
+    assert json.loads((folder / "launch.ended.json").read_text())["pid"] == connection["pid"]
+    assert stat.S_IMODE((folder / "launch.ended.json").stat().st_mode) == 0o600
+
+
+# ------------------------------------------------------------------ the real cluster
+
+integration = pytest.mark.integration
+
+
+def squeue(*args):
+    result = subprocess.run(["squeue", "--noheader", *args], capture_output=True, text=True)
+    assert result.returncode == 0, f"squeue failed (is the cluster up? as root: bash setup/slurm.sh): {result.stderr}"
+    return result.stdout
+
+
+def my_active_jobs():
+    return squeue("--user", str(os.getuid()), "--format=%i %j %T").split("\n")[:-1]
+
+
+def wait_until(condition, timeout, message):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, message
+        time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """The single-node cluster must answer; a missing tool is a failure, never a skip."""
+    for tool in ("sinfo", "sbatch", "squeue", "scancel", "scontrol"):
+        assert shutil.which(tool), f"{tool} not found: as root run `bash setup/slurm.sh`"
+    result = subprocess.run(["sinfo", "--noheader", "--partition", PARTITION, "--format=%T"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.split(), f"no Slurm partition {PARTITION!r}: {result.stderr.strip()} (bash setup/slurm.sh)"
+    assert result.stdout.split()[0] in ("idle", "mixed", "allocated"), f"node state: {result.stdout.strip()}"
+
+
+@pytest.fixture(scope="module")
+def example(cluster, tmp_path_factory):
+    from conftest import GitRepo
+
+    base = tmp_path_factory.mktemp("slurm")
+    repo = GitRepo(base / "example-repo", branch="main")
+    shutil.copytree(PROJECT / "example", repo.path, dirs_exist_ok=True)
+    repo.commit("first")
+    workdir = base / "work"
+    workdir.mkdir()
+    return repo, workdir
+
+
+def config_for(repo, **extra):
+    return {"repo": repo.path, "ref": "main", "name": "example", "launch_on": "slurm", "slurm_partition": PARTITION, **extra}
+
+
+def on_slurm(workdir, *args, **kwargs):
+    return snakemake(workdir, "--profile", PROFILE, *args, **kwargs)
+
+
+def folder_of(workdir, sha):
+    return workdir / "results" / "example" / sha
+
+
+def read_connection(workdir, sha):
+    return json.loads((folder_of(workdir, sha) / "launch.json").read_text())
+
+
+def stop(workdir, repo):
+    return on_slurm(workdir, "stop", config=config_for(repo))
+
+
+@pytest.fixture(scope="module")
+def launched(example):
+    """One full run with the Slurm profile: image and SIF here, sandbox and Jupyter as jobs."""
+    repo, workdir = example
+    started = time.monotonic()
+    result = on_slurm(workdir, config=config_for(repo))
+    print(f"snakemake start to live Slurm URL (cold, image build included): {time.monotonic() - started:.0f} s")
+    sha = repo.head()
+    yield repo, workdir, sha, read_connection(workdir, sha), result
+    on_slurm(workdir, "stop", config=config_for(repo), check=False)
+
+
+@integration
+def test_sandbox_is_built_by_a_slurm_job(launched):
+    _, workdir, sha, _, result = launched
+    output = result.stdout + result.stderr
+    submitted = re.findall(r"Job \d+ has been submitted with SLURM jobid (\d+)", output)
+    assert submitted, f"no job went to Slurm:\n{output[-3000:]}"
+    records = {job_id: subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout for job_id in submitted}
+    sandbox_jobs = [record for record in records.values() if "Comment=rule_unpack_sandbox" in record]
+    assert len(sandbox_jobs) == 1, records
+    # run by Slurm as the account that ran the workflow, and finished
+    assert "JobState=COMPLETED" in sandbox_jobs[0] and f"UserId={getpass.getuser()}(" in sandbox_jobs[0]
+    # builder rules stayed on this machine
+    assert not any("rule_build_image" in record or "rule_build_sif" in record for record in records.values())
+    assert (folder_of(workdir, sha) / "sandbox" / "home" / "jovyan").is_dir()
+
+
+@integration
+def test_launch_json_names_node_port_job_and_tunnel(launched):
+    _, workdir, sha, connection, result = launched
+    launch_file = folder_of(workdir, sha) / "launch.json"
+    assert stat.S_IMODE(launch_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(Path(connection["log"]).stat().st_mode) == 0o600
+    assert connection["launched_on"] == "slurm"
+    assert connection["host"] == jupyter.node_address(connection["node"]) != "0.0.0.0"
+    state, node = slurm.job_state(connection["slurm_job_id"])
+    assert (state, node) == ("RUNNING", connection["node"])
+    assert connection["ssh_tunnel"].startswith(f"ssh -N -L {connection['port']}:{connection['host']}:{connection['port']} ")
+    assert connection["url_with_token"] in result.stdout
+    assert connection["ssh_tunnel"] in result.stdout
+    # the token never reached a command line or the job script
+    script = (folder_of(workdir, sha) / "jupyter.sbatch").read_text()
+    assert connection["token"] not in script
+    assert not (folder_of(workdir, sha) / ".jupyter.env").exists()
+
+
+@integration
+def test_server_answers_with_token_and_refuses_without(launched):
+    *_, connection, _ = launched
+    assert api(connection["url"], "api/status", connection["token"]).status_code == 200
+    assert api(connection["url"], "api/status").status_code == 403
+    assert api(connection["url"], "api/status", "wrong-token").status_code == 403
+
+
+@integration
+def test_kernel_runs_code_on_the_node_after_the_start_script(launched):
+    *_, connection, _ = launched
+    code = "import os, socket; print(os.getcwd(), os.environ.get('REPO2SINGULARITY_START_RAN'), os.environ.get('SLURM_JOB_ID'))"
+    cwd, start_ran, job_id = execute(connection["url"], connection["token"], code).split()
+    assert cwd == "/home/jovyan" and start_ran == "yes"
+    # --cleanenv keeps Slurm's variables out, so compare the node instead
+    assert job_id == "None"
+
+
+@integration
+def test_servers_lists_the_running_server(launched):
+    repo, workdir, sha, connection, _ = launched
+    result = on_slurm(workdir, "servers", config=config_for(repo))
+    line = next(line for line in result.stderr.splitlines() if line.startswith("example "))
+    assert "running" in line and f"Slurm job {connection['slurm_job_id']}" in line and connection["url"] in line
+
+
+@integration
+def test_relaunch_with_other_settings_replaces_the_server(launched):
+    repo, workdir, sha, first, _ = launched
+    # Snakemake reruns the launch when its settings change; the first server must not be orphaned
+    on_slurm(workdir, "launch", config=config_for(repo, idle_timeout=3600))
+    second = read_connection(workdir, sha)
+    assert second["slurm_job_id"] != first["slurm_job_id"]
+    assert not slurm.is_active(slurm.job_state(first["slurm_job_id"])[0])
+    ended = json.loads((folder_of(workdir, sha) / "launch.ended.json").read_text())
+    assert ended["slurm_job_id"] == first["slurm_job_id"] and ended["replaced"]
+    assert api(second["url"], "api/status", second["token"]).status_code == 200
+
+
+@integration
+def test_stop_ends_the_slurm_job_and_the_server(launched):
+    repo, workdir, sha, *_ = launched
+    connection = read_connection(workdir, sha)
+    stop(workdir, repo)
+    folder = folder_of(workdir, sha)
+    assert not (folder / "launch.json").exists()
+    assert json.loads((folder / "launch.ended.json").read_text())["ended"]
+    assert not slurm.is_active(slurm.job_state(connection["slurm_job_id"])[0])
+    with pytest.raises(Exception):
+        api(connection["url"], "api/status", connection["token"], timeout=3)
+
+
+@integration
+@pytest.mark.parametrize(
+    "settings, reason",
+    [
+        ({"slurm_mem_mb": 100_000_000}, "Requested node configuration is not available"),
+        ({"slurm_partition": "nosuch"}, "Invalid partition name specified"),
+    ],
+)
+def test_impossible_request_is_one_line_and_leaves_nothing_running(launched, settings, reason):
+    repo, workdir, sha, *_ = launched
+    before = my_active_jobs()
+    result = on_slurm(workdir, "launch", config=config_for(repo, **settings), check=False)
+    assert result.returncode != 0
+    line = next(line for line in result.stderr.splitlines() if line.startswith("launch_jupyter: "))
+    assert line == f"launch_jupyter: Slurm refused the job: {reason}"
+    assert not (folder_of(workdir, sha) / "launch.json").exists()
+    assert my_active_jobs() == before
+
+
+@integration
+def test_job_that_dies_before_answering_is_one_line_with_its_log(launched):
+    repo, workdir, sha, *_ = launched
+    result = on_slurm(workdir, "launch", config=config_for(repo, jupyter_command="[jupyter,no-such-app]"), check=False)
+    assert result.returncode != 0
+    line = next(line for line in result.stderr.splitlines() if line.startswith("launch_jupyter: "))
+    assert re.fullmatch(r"launch_jupyter: the Slurm job \d+ ended \(FAILED\) before the Jupyter server answered; last lines of .*:", line), line
+    assert "no-such-app" in result.stderr
+    assert len(re.findall(r"submitted Slurm job", result.stderr)) == 1
+    assert not my_active_jobs()
+
+
+@integration
+def test_server_that_never_answers_is_cancelled_after_the_wait(launched):
+    repo, workdir, sha, *_ = launched
+    settings = {"jupyter_command": '[sh,-c,"sleep 600"]', "launch_timeout": 5}
+    result = on_slurm(workdir, "launch", config=config_for(repo, **settings), check=False)
+    assert result.returncode != 0
+    line = next(line for line in result.stderr.splitlines() if line.startswith("launch_jupyter: "))
+    assert re.fullmatch(r"launch_jupyter: the Jupyter server \(Slurm job \d+\) did not answer within 5 s; it was cancelled; see .*", line), line
+    assert not my_active_jobs()
+
+
+@integration
+def test_idle_server_shuts_itself_down_and_its_job_ends(launched):
+    repo, workdir, sha, *_ = launched
+    # notebook 6 checks for inactivity once a minute
+    on_slurm(workdir, "launch", config=config_for(repo, idle_timeout=5))
+    connection = read_connection(workdir, sha)
+    assert api(connection["url"], "api/status", connection["token"]).status_code == 200
+    job_id = connection["slurm_job_id"]
+    wait_until(lambda: not slurm.is_active(slurm.job_state(job_id)[0]), 150, "the idle server's job still runs")
+    assert slurm.job_state(job_id)[0] == "COMPLETED"
+    listing = on_slurm(workdir, "servers", config=config_for(repo)).stderr
+    assert re.search(r"^example .* ended ", listing, re.MULTILINE), listing
+    stop(workdir, repo)
+
+
+@integration
+def test_idle_local_server_shuts_itself_down(launched):
+    repo, workdir, sha, *_ = launched
+    snakemake(workdir, "launch", config=config_for(repo, launch_on="local", idle_timeout=5))
+    connection = read_connection(workdir, sha)
+    assert connection["launched_on"] == "local"
+    wait_until(lambda: not jupyter.server_running(connection), 150, "the idle local server still runs")
+    stop(workdir, repo)
