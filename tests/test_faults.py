@@ -148,3 +148,89 @@ def test_full_disk_during_the_sif_step_leaves_no_sif_and_the_next_run_succeeds(r
         filler.unlink(missing_ok=True)
         subprocess.run(["chmod", "-R", "u+w", workdir])
         subprocess.run(["rm", "-rf", workdir])
+
+
+class DockerSocketRelay:
+    """A relay between a socket of the test's own and the real Docker engine's socket: closing
+    it is, to the workflow, the engine going away in the middle of a build."""
+
+    def __init__(self, path, engine="/var/run/docker.sock"):
+        import socket
+        import threading
+
+        self.path, self.engine = str(path), engine
+        self.server = socket.socket(socket.AF_UNIX)
+        self.server.bind(self.path)
+        self.server.listen(64)
+        self.connections = []
+        self.open = True
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        import socket
+        import threading
+
+        while self.open:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.socket(socket.AF_UNIX)
+            upstream.connect(self.engine)
+            self.connections += [client, upstream]
+            for source, target in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self.pump, args=(source, target), daemon=True).start()
+
+    @staticmethod
+    def pump(source, target):
+        try:
+            while data := source.recv(65536):
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, target):
+                try:
+                    end.close()
+                except OSError:
+                    pass
+
+    def close(self):
+        import socket
+
+        self.open = False
+        for connection in [self.server, *self.connections]:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            connection.close()
+        os.unlink(self.path)
+
+
+def test_docker_engine_gone_mid_build_is_a_clear_error_and_the_rerun_works(tmp_path, repo):
+    socket_path = tmp_path / "docker.sock"
+    relay = DockerSocketRelay(socket_path)
+    env = {**os.environ, "DOCKER_HOST": f"unix://{socket_path}"}
+    # a build step that takes a while, so the engine can go away in the middle of it
+    repo.commit("slow build", {"Dockerfile": "FROM debian:bookworm\nRUN sleep 20 && echo faults > /faults\n"})
+    sha = repo.head()
+    folder = tmp_path / "results" / "faults" / sha
+    command = [SNAKEMAKE, "--snakefile", str(PROJECT / "Snakefile"), "--directory", str(tmp_path), "--cores", "2", "build"]
+    command += ["--config", f"repo={repo.path}", "ref=main", "name=faults"]
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.monotonic() + 300
+    while "RUN sleep 20" not in ((folder / "logs" / "build_image.log").read_text() if (folder / "logs" / "build_image.log").exists() else ""):
+        assert run.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    relay.close()
+    output, _ = run.communicate(timeout=300)
+    assert run.returncode != 0
+    assert "the Docker engine does not answer at unix://" in output
+    assert not (folder / "image.json").exists()
+    relay = DockerSocketRelay(socket_path)
+    try:
+        snakemake(tmp_path, "build", config=config_for(repo), env=env)
+    finally:
+        relay.close()
+    assert (folder / "faults.sif").exists()

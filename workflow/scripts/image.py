@@ -55,6 +55,26 @@ def repo2docker_version():
     return result.stdout.strip()
 
 
+def docker_answers():
+    try:
+        return subprocess.run(["docker", "version"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def run_docker_step(command, log, step):
+    """Run a step that needs the Docker engine; if it fails because the engine is gone, say so."""
+    try:
+        run_logged(command, log, step)
+    except StepError:
+        if not docker_answers():
+            where = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+            raise StepError(
+                f"{step} failed: the Docker engine does not answer at {where}; start it (bash setup.sh check) and run again"
+            ) from None
+        raise
+
+
 def inspect_image(tag):
     result = subprocess.run(["docker", "image", "inspect", tag], capture_output=True, text=True)
     if result.returncode != 0:
@@ -73,7 +93,7 @@ def working_folder(image_config):
 
 def build_image(source, tag, labels, receipt, log, user_name, user_id, subdir="", extra_args=()):
     command = repo2docker_command(source, tag, labels, user_name, user_id or default_user_id(), subdir, extra_args)
-    run_logged(command, log, "build_image (repo2docker)")
+    run_docker_step(command, log, "build_image (repo2docker)")
     details = inspect_image(tag)
     if details is None:
         raise StepError(f"repo2docker finished but Docker has no image {tag}")
@@ -103,7 +123,7 @@ def save_image(receipt, tarball, log):
         )
     partial = temporary_sibling(tarball, ".tar")
     try:
-        run_logged(["docker", "save", "--output", str(partial), image["tag"]], log, "save_image (docker save)")
+        run_docker_step(["docker", "save", "--output", str(partial), image["tag"]], log, "save_image (docker save)")
         os.replace(partial, tarball)
     finally:
         partial.unlink(missing_ok=True)
