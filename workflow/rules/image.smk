@@ -1,3 +1,15 @@
+import builder as remote_builder
+
+try:
+    # `builder: local` (the default) or a host reached over SSH; see README "Remote builder"
+    BUILDER = remote_builder.settings_from_config(config)
+except remote_builder.InvalidBuilder as error:
+    fail(str(error))
+# With a remote builder the saved image stays there and a receipt names it here: the DAG keeps
+# its shape, only the file that stands for the tarball changes
+SAVED_IMAGE = "image.tar.receipt.json" if BUILDER else "image.tar"
+
+
 rule build_image:
     input:
         source=rules.clone_source.output.source,
@@ -26,7 +38,7 @@ rule save_image:
     input:
         receipt=rules.build_image.output.receipt,
     output:
-        tarball=temp(f"{RESULTS}/{{name}}/{{sha}}/image.tar"),
+        tarball=temp(f"{RESULTS}/{{name}}/{{sha}}/{SAVED_IMAGE}"),
     log:
         get_step_log("save_image"),
     benchmark:

@@ -6,6 +6,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import builder
 from steps import StepError, python_tool, run_logged, temporary_sibling, write_json_atomic
 
 LABEL_PREFIX = "repo2singularity"
@@ -129,23 +130,127 @@ def save_image(receipt, tarball, log):
         partial.unlink(missing_ok=True)
 
 
+# ------------------------------------------------------------------ on a builder over SSH
+
+
+def remote_docker_step(connection, command, log, step):
+    """A Docker step on the builder; if it fails because the engine there is gone, say so."""
+    try:
+        connection.run_logged(command, log, step)
+    except StepError:
+        status, _, _ = connection.capture(builder.remote_command(["docker", "version"]))
+        if status != 0:
+            raise StepError(
+                f"{step} failed: the Docker engine on builder {connection.settings.display} does not answer; "
+                "start it there and run again"
+            ) from None
+        raise
+
+
+def remote_inspect_image(connection, tag):
+    status, out, _ = connection.capture(builder.remote_command(["docker", "image", "inspect", tag]))
+    if status != 0:
+        return None
+    return json.loads(out)[0]
+
+
+def remote_build_image(settings, name, sha, source, tag, labels, receipt, log, user_name, user_id, subdir="", extra_args=()):
+    """Send the clone to the builder as a tar file, run repo2docker there with the same
+    arguments as a local build, and write the receipt here."""
+    with builder.connect(settings, log) as connection:
+        paths = builder.remote_paths(connection.workdir, name, sha)
+        connection.check_output(builder.remote_command(["mkdir", "-p", "--", paths["folder"]]), "creating the work folder")
+        connection.log(f"sending {source} to {paths['source_tar']}")
+        connection.upload_tar(source, paths["source_tar"])
+        connection.check_output(
+            builder.remote_command(
+                ["rm", "-rf", "--", paths["source"]],
+                ["mkdir", "--", paths["source"]],
+                ["tar", "-xf", paths["source_tar"], "-C", paths["source"]],
+                ["rm", "-f", "--", paths["source_tar"]],
+            ),
+            "unpacking the source",
+        )
+        command = repo2docker_command(paths["source"], tag, labels, user_name, user_id or default_user_id(), subdir, extra_args)
+        command[0] = settings.repo2docker
+        remote_docker_step(connection, builder.remote_command(command), log, "build_image (repo2docker)")
+        details = remote_inspect_image(connection, tag)
+        if details is None:
+            raise StepError(f"repo2docker finished but Docker on builder {settings.host} has no image {tag}")
+        version = connection.check_output(builder.remote_command([settings.repo2docker, "--version"]), "repo2docker --version")
+        # the image holds everything now; the unpacked source is not needed on the builder
+        connection.capture(builder.remote_command(["rm", "-rf", "--", paths["source"]]))
+        config = details.get("Config") or {}
+        write_json_atomic(
+            receipt,
+            {
+                "image_id": details["Id"],
+                "tag": tag,
+                "repo2docker_version": version.strip(),
+                "labels": config.get("Labels") or {},
+                "working_folder": working_folder(config),
+                "home": image_environment(config).get("HOME") or f"/home/{user_name}",
+                "created": details.get("Created"),
+                "size_bytes": details.get("Size"),
+                "builder": settings.describe(),
+            },
+        )
+
+
+def remote_save_image(settings, name, sha, receipt, tarball_receipt, log):
+    """docker save on the builder; the tarball stays there and a receipt names it here."""
+    image = json.loads(Path(receipt).read_text())
+    with builder.connect(settings, log) as connection:
+        details = remote_inspect_image(connection, image["tag"])
+        builder.check_image_receipt(image, details and details["Id"], settings, receipt)
+        paths = builder.remote_paths(connection.workdir, name, sha)
+        partial = paths["tarball"] + ".partial"
+        remote_docker_step(
+            connection,
+            builder.remote_command(
+                ["mkdir", "-p", "--", paths["folder"]],
+                ["docker", "save", "--output", partial, image["tag"]],
+                ["mv", "-f", "--", partial, paths["tarball"]],
+            ),
+            log,
+            "save_image (docker save)",
+        )
+        size = connection.stat(paths["tarball"])
+        digest = connection.sha256(paths["tarball"])
+        if size is None or digest is None:
+            raise StepError(f"docker save finished but builder {settings.host} has no {paths['tarball']}")
+        write_json_atomic(
+            tarball_receipt,
+            {**settings.describe(), "path": paths["tarball"], "size_bytes": size, "sha256": digest, "tag": image["tag"], "image_id": image["image_id"]},
+        )
+
+
+
 if "snakemake" in globals():
     from steps import main
 
+    remote = builder.settings_from_config(snakemake.config)
+    name, sha = snakemake.wildcards.name, snakemake.wildcards.sha
     if snakemake.rule == "build_image":
+        arguments = (
+            snakemake.input.source,
+            snakemake.params.tag,
+            snakemake.params.labels,
+            snakemake.output.receipt,
+            snakemake.log[0],
+            snakemake.params.user_name,
+            snakemake.params.user_id,
+            snakemake.params.subdir,
+            snakemake.params.extra_args,
+        )
+        if remote:
+            main("build_image", lambda: remote_build_image(remote, name, sha, *arguments))
+        else:
+            main("build_image", lambda: build_image(*arguments))
+    elif remote:
         main(
-            "build_image",
-            lambda: build_image(
-                snakemake.input.source,
-                snakemake.params.tag,
-                snakemake.params.labels,
-                snakemake.output.receipt,
-                snakemake.log[0],
-                snakemake.params.user_name,
-                snakemake.params.user_id,
-                snakemake.params.subdir,
-                snakemake.params.extra_args,
-            ),
+            "save_image",
+            lambda: remote_save_image(remote, name, sha, snakemake.input.receipt, snakemake.output.tarball, snakemake.log[0]),
         )
     else:
         main("save_image", lambda: save_image(snakemake.input.receipt, snakemake.output.tarball, snakemake.log[0]))

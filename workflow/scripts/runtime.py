@@ -1,11 +1,13 @@
 """Rules build_sif and unpack_sandbox: the Apptainer/SingularityCE runtime turns the saved
 image into a squashfs SIF, and the SIF into a writable sandbox folder."""
 
+import json
 import os
 import shutil
 import subprocess
 from pathlib import Path
 
+import builder
 from steps import StepError, run_logged, sha256_file, temporary_sibling, write_text_atomic
 
 # measured on the example image (TESTBED.md, bench/): zstd builds about 2x faster than gzip
@@ -90,11 +92,77 @@ def make_removable(folder):
                 os.chmod(path, os.stat(path).st_mode | 0o700)
 
 
+def remote_build_sif(settings, name, sha, tarball_receipt, sif, checksum, log, compression_setting="auto"):
+    """apptainer build on the builder (the SIF is kept there until it is here, so a cut
+    download resumes without building again), then bring the SIF back, verified."""
+    saved = json.loads(Path(tarball_receipt).read_text())
+    with builder.connect(settings, log) as connection:
+        paths = builder.remote_paths(connection.workdir, name, sha)
+        digest = finished_remote_sif(connection, paths)
+        if digest is None:
+            found = None
+            if connection.stat(saved["path"]) is not None:
+                found = {"size": connection.stat(saved["path"]), "sha256": connection.sha256(saved["path"])}
+            builder.check_tarball_receipt(saved, found, tarball_receipt)
+            _, help_text, _ = connection.capture(builder.remote_command([settings.runtime, "build", "--help"]))
+            compression = choose_compression(compression_setting, "--mksquashfs-args" in help_text)
+            partial = paths["sif"] + ".partial"
+            connection.run_logged(
+                builder.remote_command(
+                    ["rm", "-f", "--", partial],
+                    [settings.runtime, "build", *compression_arguments(compression), partial, f"docker-archive://{saved['path']}"],
+                    ["mv", "-f", "--", partial, paths["sif"]],
+                ),
+                log,
+                f"build_sif ({Path(settings.runtime).name} build on {settings.host}, {compression or FALLBACK_COMPRESSION})",
+            )
+            # the checksum file last, so that it marks a finished SIF
+            connection.check_output(
+                builder.remote_command(["sha256sum", "--", paths["sif"]])
+                + " > "
+                + builder.remote_command([paths["checksum"] + ".partial"])
+                + " && "
+                + builder.remote_command(["mv", "-f", "--", paths["checksum"] + ".partial", paths["checksum"]]),
+                "sha256sum of the SIF",
+            )
+            digest = finished_remote_sif(connection, paths)
+            if digest is None:
+                raise StepError(f"the SIF built on builder {settings.host} has no checksum")
+        # the tarball is no longer needed once the SIF exists
+        connection.capture(builder.remote_command(["rm", "-f", "--", saved["path"]]))
+        connection.download(paths["sif"], sif, digest, before_rename=lambda: write_text_atomic(checksum, f"{digest}  {Path(sif).name}\n"))
+        # here and verified: nothing of this build is needed on the builder any more
+        connection.capture(builder.remote_command(["rm", "-rf", "--", paths["folder"]]))
+
+
+def finished_remote_sif(connection, paths):
+    """The sha256 of a SIF already built on the builder, or None."""
+    status, out, _ = connection.capture(builder.remote_command(["cat", "--", paths["checksum"]]))
+    if status != 0 or not out.split():
+        return None
+    return out.split()[0]
+
+
 if "snakemake" in globals():
     from steps import main
 
     runtime = snakemake.params.runtime
-    if snakemake.rule == "build_sif":
+    remote = builder.settings_from_config(snakemake.config)
+    if snakemake.rule == "build_sif" and remote:
+        main(
+            "build_sif",
+            lambda: remote_build_sif(
+                remote,
+                snakemake.wildcards.name,
+                snakemake.wildcards.sha,
+                snakemake.input.tarball,
+                snakemake.output.sif,
+                snakemake.output.checksum,
+                snakemake.log[0],
+                snakemake.params.compression,
+            ),
+        )
+    elif snakemake.rule == "build_sif":
         main(
             "build_sif",
             lambda: build_sif(

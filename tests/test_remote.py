@@ -1,0 +1,416 @@
+"""The builder over SSH: an OpenSSH server of the test's own on 127.0.0.1 (run by this account,
+with generated host and client keys) makes this machine the builder, reached through paramiko
+as a remote host would be. Real sshd, Docker, repo2docker and Apptainer; nothing is skipped."""
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import builder
+from conftest import GitRepo
+from steps import StepError
+from workflow_runner import PROJECT, SNAKEMAKE, snakemake
+
+SSHD = "/usr/sbin/sshd"
+RUNTIME = os.environ.get("R2S_RUNTIME") or "apptainer"
+REPO2DOCKER = str(Path(sys.executable).with_name("repo2docker"))
+NAME = "tiny"
+
+
+# ------------------------------------------------------------------ unit tests of the pure parts
+
+
+def test_remote_command_quotes_every_argument():
+    hostile = ["echo", "$(touch /tmp/pwned)", "a b", "it's", ";rm -rf ~", "`id`", "--", "-x"]
+    line = builder.remote_command(hostile, ["true"])
+    assert shlex.split(line.split(" && ")[0]) == hostile
+    printed = subprocess.run(["sh", "-c", line], capture_output=True, text=True, check=True).stdout
+    assert printed == " ".join(hostile[1:]) + "\n"
+
+
+def test_settings_default_to_local_and_fill_defaults():
+    assert builder.settings_from_config({}) is None
+    assert builder.settings_from_config({"builder": "local"}) is None
+    settings = builder.settings_from_config({"builder": {"host": "b.example.org", "port": "2222", "trust_unknown_host": "false"}})
+    assert (settings.port, settings.trust_unknown_host, settings.workdir) == (2222, False, "~/.cache/repo2singularity")
+    assert settings.describe() == {"host": "b.example.org", "port": 2222, "user": settings.login}
+    for bad in ({"host": "-oProxyCommand=x"}, {"host": "a b"}, {"host": "h", "port": 70000}, "elsewhere"):
+        with pytest.raises(builder.InvalidBuilder):
+            builder.settings_from_config({"builder": bad})
+
+
+def test_schema_refuses_a_password_and_unknown_keys(tmp_path):
+    for extra in ("password=secret", "colour=blue"):
+        result = snakemake(tmp_path, "-n", config={"repo": PROJECT / "example", "builder": f"{{host: h, {extra.replace('=', ': ')}}}"}, check=False)
+        assert result.returncode != 0
+        assert "invalid config at 'builder'" in result.stderr
+
+
+def test_tarball_receipt_checks():
+    receipt = {"host": "b", "path": "/w/n/s/image.tar", "size_bytes": 10, "sha256": "ab"}
+    builder.check_tarball_receipt(receipt, {"size": 10, "sha256": "ab"}, "r.json")
+    with pytest.raises(StepError, match="is gone from builder b; rerun it with: snakemake --forcerun save_image"):
+        builder.check_tarball_receipt(receipt, None, "r.json")
+    with pytest.raises(StepError, match="does not match its receipt"):
+        builder.check_tarball_receipt(receipt, {"size": 10, "sha256": "cd"}, "r.json")
+
+
+def test_image_receipt_check_names_the_rule_to_rerun():
+    settings = builder.BuilderSettings(host="b")
+    receipt = {"image_id": "sha256:" + "1" * 64, "tag": "r2s-x:y", "builder": {"host": "b"}}
+    builder.check_image_receipt(receipt, receipt["image_id"], settings, "image.json")
+    with pytest.raises(StepError, match="--forcerun build_image"):
+        builder.check_image_receipt(receipt, None, settings, "image.json")
+
+
+def test_resume_offset():
+    meta = {"sha256": "ab", "size": 100}
+    assert builder.resume_offset(40, meta, 100, "ab") == 40
+    assert builder.resume_offset(100, meta, 100, "ab") == 100
+    assert builder.resume_offset(0, meta, 100, "ab") == 0
+    assert builder.resume_offset(40, None, 100, "ab") == 0  # nothing says what the partial is
+    assert builder.resume_offset(40, meta, 100, "cd") == 0  # another SIF was built since
+    assert builder.resume_offset(40, {"sha256": "ab", "size": 90}, 100, "ab") == 0
+    assert builder.resume_offset(140, {"sha256": "ab", "size": 100}, 100, "ab") == 0
+
+
+def test_preflight_problems_are_one_line_each():
+    settings = builder.BuilderSettings(host="b", min_free_gb=5)
+    df = "Filesystem 1024-blocks Used Available Capacity Mounted on\n/dev/x 100 50 {} 50% /"
+    good = {
+        "docker": (0, "20.10.24"),
+        "buildx": (0, "github.com/docker/buildx 0.13.1"),
+        "repo2docker": (0, "2026.4.0"),
+        "runtime": (0, "1.4.5"),
+        "space": (0, df.format(9_000_000)),
+    }
+    assert builder.preflight_problems(settings, "/w", good) == []
+    assert builder.parse_checks("@@check docker\n20.10\n@@rc 0\n@@check buildx\nnope\n@@rc 1\n") == {
+        "docker": (0, "20.10"),
+        "buildx": (1, "nope"),
+    }
+    cases = {
+        "docker": ((127, "sh: 1: docker: not found"), "docker is not installed"),
+        "buildx": ((1, "docker: 'buildx' is not a docker command."), "docker buildx is missing"),
+        "space": ((0, df.format(1_000_000)), "only 1.0 GB free in /w"),
+    }
+    for check, (value, expected) in cases.items():
+        problems = builder.preflight_problems(settings, "/w", {**good, check: value})
+        assert len(problems) == 1 and expected in problems[0] and "\n" not in problems[0]
+
+
+# ------------------------------------------------------------------ an sshd of the test's own
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def keygen(path):
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", path.name, "-f", str(path)], check=True)
+    return path
+
+
+class Sshd:
+    """/usr/sbin/sshd run by this account on 127.0.0.1: public keys only, its own host key."""
+
+    def __init__(self, folder, client_key, env_path=None):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.host_key = keygen(self.folder / "host_key")
+        authorized = self.folder / "authorized_keys"
+        authorized.write_text(Path(f"{client_key}.pub").read_text())
+        authorized.chmod(0o600)
+        self.log = self.folder / "sshd.log"
+        self.pid_file = self.folder / "sshd.pid"
+        lines = [
+            "ListenAddress 127.0.0.1",
+            f"Port {self.port}",
+            f"HostKey {self.host_key}",
+            f"AuthorizedKeysFile {authorized}",
+            "UsePAM no",
+            # the test's folders live under /tmp (sticky, world-writable): StrictModes would refuse them
+            "StrictModes no",
+            "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no",
+            "PubkeyAuthentication yes",
+            f"PidFile {self.pid_file}",
+            "LogLevel VERBOSE",
+            "Subsystem sftp internal-sftp",
+        ]
+        if env_path:
+            lines.append(f"SetEnv PATH={env_path}")
+        self.config = self.folder / "sshd_config"
+        self.config.write_text("\n".join(lines) + "\n")
+        self.start()
+
+    def start(self):
+        subprocess.run([SSHD, "-f", str(self.config), "-E", str(self.log)], check=True)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, f"sshd did not start; see {self.log}"
+                time.sleep(0.1)
+
+    @property
+    def pid(self):
+        return int(self.pid_file.read_text())
+
+    def known_hosts_line(self):
+        kind, key = Path(f"{self.host_key}.pub").read_text().split()[:2]
+        return f"[127.0.0.1]:{self.port} {kind} {key}\n"
+
+    def connections(self):
+        return self.log.read_text().count("Connection from 127.0.0.1") if self.log.exists() else 0
+
+    def cut_sessions(self):
+        """Kill every session of this sshd (the listener stays): the connection drops as if
+        the network had gone."""
+        for pid in descendants(self.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def stop(self):
+        self.cut_sessions()
+        try:
+            os.kill(self.pid, signal.SIGTERM)
+        except (ProcessLookupError, FileNotFoundError):
+            pass
+
+
+def descendants(pid):
+    children = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, queue = [], [pid]
+    while queue:
+        for child in children.get(queue.pop(), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """Keys, a running sshd, a known_hosts file that knows it, and a small Dockerfile repository."""
+    for tool in (SSHD, shutil.which("ssh-keygen"), shutil.which("docker"), shutil.which(RUNTIME), REPO2DOCKER):
+        assert tool and Path(tool).exists(), f"{tool} is missing: bash setup.sh test installs it"
+    base = tmp_path_factory.mktemp("remote")
+    keys = base / "keys"
+    keys.mkdir()
+    client_key = keygen(keys / "client")
+    wrong_key = keygen(keys / "wrong")
+    sshd = Sshd(base / "sshd", client_key)
+    known_hosts = base / "known_hosts"
+    known_hosts.write_text(sshd.known_hosts_line())
+    repo = GitRepo(base / "tiny-repo", branch="main")
+    # incompressible bytes, so that the SIF is big enough to cut its download midway
+    repo.commit("first", {"Dockerfile": "FROM debian:bookworm\nRUN head -c 24000000 /dev/urandom > /blob\n"})
+    yield {
+        "base": base,
+        "sshd": sshd,
+        "client_key": client_key,
+        "wrong_key": wrong_key,
+        "known_hosts": known_hosts,
+        "repo": repo,
+    }
+    sshd.stop()
+
+
+def builder_config(lab, workdir, **overrides):
+    settings = {
+        "host": "127.0.0.1",
+        "port": lab["sshd"].port,
+        "user": os.environ.get("USER") or builder.local_user(),
+        "key_file": str(lab["client_key"]),
+        "known_hosts": str(lab["known_hosts"]),
+        "workdir": str(lab["base"] / "builder-work"),
+        "runtime": RUNTIME if "/" in RUNTIME else shutil.which(RUNTIME),
+        "repo2docker": REPO2DOCKER,
+        "min_free_gb": 1,
+        **overrides,
+    }
+    path = Path(workdir) / "builder.yaml"
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({"builder": settings}))
+    return path
+
+
+def run_config(lab):
+    return {"repo": lab["repo"].path, "ref": "main", "name": NAME}
+
+
+def folder_of(workdir, sha):
+    return Path(workdir) / "results" / NAME / sha
+
+
+def sif_labels(sif):
+    result = subprocess.run([RUNTIME, "inspect", "--json", "--labels", str(sif)], capture_output=True, text=True, check=True)
+    labels = json.loads(result.stdout)["data"]["attributes"]["labels"]
+    return {k: v for k, v in labels.items() if k.startswith(("repo2docker.", "repo2singularity."))}
+
+
+def sha256sum(path):
+    return subprocess.run(["sha256sum", str(path)], capture_output=True, text=True, check=True).stdout.split()[0]
+
+
+@pytest.fixture(scope="module")
+def remote_build(lab):
+    workdir = lab["base"] / "remote"
+    configfile = builder_config(lab, workdir)
+    before = lab["sshd"].connections()
+    result = snakemake(workdir, "build", "--configfile", configfile, config=run_config(lab))
+    return workdir, configfile, lab["repo"].head(), result, lab["sshd"].connections() - before
+
+
+@pytest.mark.integration
+def test_remote_chain_gives_the_same_labels_as_a_local_build(lab, remote_build):
+    workdir, _, sha, result, connections = remote_build
+    folder = folder_of(workdir, sha)
+    sif = folder / f"{NAME}.sif"
+    assert sha256sum(sif) == (folder / f"{NAME}.sif.sha256").read_text().split()[0]
+    receipt = json.loads((folder / "image.json").read_text())
+    assert receipt["builder"] == {"host": "127.0.0.1", "port": lab["sshd"].port, "user": builder.local_user()}
+    assert {"image_id", "tag", "repo2docker_version", "working_folder", "home"} <= set(receipt)
+    assert connections == 3, "one connection per builder step"
+    logs = folder / "logs"
+    assert "builder preflight" in (logs / "build_image.log").read_text()
+    assert "sha256 verified" in (logs / "build_sif.log").read_text()
+    # nothing looks finished that is not, and the builder keeps nothing of the build
+    assert not (folder / "image.tar.receipt.json").exists()
+    assert not list(folder.glob(".*partial*"))
+    assert not (lab["base"] / "builder-work" / NAME / sha).exists()
+
+    local = lab["base"] / "local"
+    snakemake(local, "build", config=run_config(lab))
+    local_labels = sif_labels(folder_of(local, sha) / f"{NAME}.sif")
+    assert local_labels["repo2singularity.sha"] == sha
+    assert sif_labels(sif) == local_labels
+
+
+@pytest.mark.integration
+def test_second_run_makes_no_ssh_connection(lab, remote_build):
+    workdir, configfile, *_ = remote_build
+    before = lab["sshd"].connections()
+    plan = snakemake(workdir, "build", "-n", "--configfile", configfile, config=run_config(lab))
+    assert "Nothing to be done" in plan.stdout + plan.stderr
+    snakemake(workdir, "build", "--configfile", configfile, config=run_config(lab))
+    assert lab["sshd"].connections() == before
+
+
+@pytest.mark.integration
+def test_cut_download_resumes_and_verifies(lab, remote_build):
+    workdir, configfile, *_ = remote_build
+    sha = lab["repo"].commit("second", {"notes.md": "a second commit\n"})
+    folder = folder_of(workdir, sha)
+    partial = folder / f".{NAME}.sif.partial"
+    command = [SNAKEMAKE, "--snakefile", str(PROJECT / "Snakefile"), "--directory", str(workdir), "--cores", "2", "build",
+               "--configfile", str(configfile), "--config", f"repo={lab['repo'].path}", "ref=main", f"name={NAME}"]
+    # slow enough to be cut midway on loopback
+    env = {**os.environ, builder.RATE_LIMIT_VARIABLE: str(4_000_000)}
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 900
+    while not (partial.exists() and partial.stat().st_size > 2_000_000):
+        assert run.poll() is None, f"the run ended before the download:\n{run.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    lab["sshd"].cut_sessions()
+    _, stderr = run.communicate(timeout=300)
+    assert run.returncode != 0
+    assert "Traceback" not in stderr
+    assert "the connection to builder" in stderr and "run again" in stderr
+    cut_at = partial.stat().st_size
+    assert 0 < cut_at
+    assert not (folder / f"{NAME}.sif").exists() and not (folder / f"{NAME}.sif.sha256").exists()
+
+    snakemake(workdir, "--unlock", "--configfile", configfile, config=run_config(lab))
+    resumed = snakemake(workdir, "build", "--configfile", configfile, config=run_config(lab))
+    assert "rule build_image" not in resumed.stderr and "rule save_image" not in resumed.stderr
+    log = (folder / "logs" / "build_sif.log").read_text()
+    resumed_at = float(log.split("resuming at ")[1].split()[0])
+    assert resumed_at * 1e6 >= cut_at - 1e5, "the partial file was not reused"
+    assert "sha256 verified" in log
+    sif = folder / f"{NAME}.sif"
+    assert sha256sum(sif) == (folder / f"{NAME}.sif.sha256").read_text().split()[0]
+    assert not partial.exists()
+
+
+def expect_one_line_failure(lab, name, expected, **overrides):
+    workdir = lab["base"] / f"fail-{name}"
+    configfile = builder_config(lab, workdir, **overrides)
+    result = snakemake(workdir, "build", "--configfile", configfile, config=run_config(lab), check=False)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if expected in line]
+    assert lines, f"no line says {expected!r}:\n{result.stderr[-4000:]}"
+    assert lines[0].startswith("build_image: builder ")
+    folder = folder_of(workdir, lab["repo"].head())
+    leftovers = [p.name for p in folder.iterdir() if p.name not in ("logs", "benchmarks", "source")] if folder.exists() else []
+    assert leftovers == [], "a failed builder step left an output"
+    return lines[0]
+
+
+@pytest.mark.integration
+def test_unknown_host_key_is_refused(lab):
+    empty = lab["base"] / "empty_known_hosts"
+    empty.write_text("")
+    line = expect_one_line_failure(lab, "unknown-host", "unknown host key", known_hosts=str(empty))
+    assert "SHA256:" in line and "trust_unknown_host" in line
+
+
+@pytest.mark.integration
+def test_changed_host_key_is_refused_even_when_trusting_unknown_hosts(lab):
+    other = lab["base"] / "other_known_hosts"
+    kind, key = Path(f"{lab['wrong_key']}.pub").read_text().split()[:2]
+    other.write_text(f"[127.0.0.1]:{lab['sshd'].port} {kind} {key}\n")
+    expect_one_line_failure(lab, "changed-host", "host key CHANGED", known_hosts=str(other), trust_unknown_host=True)
+
+
+@pytest.mark.integration
+def test_wrong_key_is_refused(lab):
+    expect_one_line_failure(lab, "wrong-key", "the builder refused key", key_file=str(lab["wrong_key"]))
+
+
+@pytest.mark.integration
+def test_closed_port(lab):
+    expect_one_line_failure(lab, "closed-port", "connection refused", port=free_port())
+
+
+@pytest.mark.integration
+def test_builder_without_docker(lab):
+    # every tool of /usr/bin but docker, and nothing else, on the PATH of that builder's SSH sessions
+    tools = lab["base"] / "no-docker-bin"
+    tools.mkdir()
+    for entry in Path("/usr/bin").iterdir():
+        if not entry.name.startswith("docker"):
+            (tools / entry.name).symlink_to(entry)
+    sshd = Sshd(lab["base"] / "sshd-no-docker", lab["client_key"], env_path=str(tools))
+    known_hosts = lab["base"] / "no_docker_known_hosts"
+    known_hosts.write_text(sshd.known_hosts_line())
+    try:
+        expect_one_line_failure(lab, "no-docker", "docker is not installed", port=sshd.port, known_hosts=str(known_hosts))
+    finally:
+        sshd.stop()

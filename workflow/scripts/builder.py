@@ -1,0 +1,619 @@
+"""A remote builder reached over SSH (paramiko): connect with host key checking, check the
+builder once per process, run commands with their output streamed into the rule's log, send
+files, and bring files back with progress, resume, a sha256 check and an atomic rename.
+
+Every remote command is an argument list joined with shlex.quote, never a string with user
+text pasted in. No password is ever asked for or stored: keys or the agent only."""
+
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import shlex
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from steps import HEARTBEAT_SECONDS, StepError, tail, write_json_atomic
+
+DEFAULTS = {
+    "port": 22,
+    "user": "",
+    "key_file": "",
+    "known_hosts": "~/.ssh/known_hosts",
+    "trust_unknown_host": False,
+    "workdir": "~/.cache/repo2singularity",
+    "runtime": "apptainer",
+    "repo2docker": "repo2docker",
+    "max_builds": 1,
+    "min_free_gb": 5,
+}
+CONNECT_TIMEOUT_SECONDS = 15
+PROGRESS_SECONDS = 5
+CHUNK = 1 << 20
+# a test aid and a way to share a thin link: cap the download rate (bytes per second)
+RATE_LIMIT_VARIABLE = "R2S_DOWNLOAD_LIMIT_BPS"
+
+
+class InvalidBuilder(Exception):
+    """A builder setting that cannot work, told in one line."""
+
+
+def to_bool(value):
+    # `--config builder={...}` hands every value over as a string
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "yes", "1", "on")
+    return bool(value)
+
+
+@dataclass(frozen=True)
+class BuilderSettings:
+    host: str
+    port: int = 22
+    user: str = ""
+    key_file: str = ""
+    known_hosts: str = "~/.ssh/known_hosts"
+    trust_unknown_host: bool = False
+    workdir: str = "~/.cache/repo2singularity"
+    runtime: str = "apptainer"
+    repo2docker: str = "repo2docker"
+    max_builds: int = 1
+    min_free_gb: float = 5
+
+    @property
+    def login(self):
+        return self.user or local_user()
+
+    @property
+    def display(self):
+        return f"{self.login}@{self.host}:{self.port}"
+
+    def describe(self):
+        """What a receipt records about the builder: where, never how to log in."""
+        return {"host": self.host, "port": self.port, "user": self.login}
+
+
+def local_user():
+    import getpass
+
+    return getpass.getuser()
+
+
+def settings_from_config(config):
+    """None for `builder: local` (today's behaviour), else the builder's settings."""
+    value = config.get("builder", "local")
+    if value in (None, "", "local"):
+        return None
+    if not isinstance(value, dict):
+        raise InvalidBuilder(f"builder must be 'local' or a mapping with a host, not {value!r}")
+    values = {**DEFAULTS, **{k: v for k, v in value.items() if v is not None}}
+    host = str(values.get("host") or "")
+    if not host or host.startswith("-") or any(c.isspace() for c in host):
+        raise InvalidBuilder(f"builder host is not a host name: {host!r}")
+    try:
+        port = int(values["port"])
+        max_builds = int(values["max_builds"])
+        min_free_gb = float(values["min_free_gb"])
+    except (TypeError, ValueError) as error:
+        raise InvalidBuilder(f"builder setting is not a number: {error}") from None
+    if not 0 < port < 65536:
+        raise InvalidBuilder(f"builder port out of range: {port}")
+    return BuilderSettings(
+        host=host,
+        port=port,
+        user=str(values["user"]),
+        key_file=str(values["key_file"]),
+        known_hosts=str(values["known_hosts"]),
+        trust_unknown_host=to_bool(values["trust_unknown_host"]),
+        workdir=str(values["workdir"]),
+        runtime=str(values["runtime"]),
+        repo2docker=str(values["repo2docker"]),
+        max_builds=max_builds,
+        min_free_gb=min_free_gb,
+    )
+
+
+def remote_command(*commands):
+    """One shell line from argument lists, each argument quoted: user text is never code.
+    Several lists run one after the other, stopping at the first failure."""
+    return " && ".join(shlex.join(str(arg) for arg in command) for command in commands)
+
+
+def remote_paths(workdir, name, sha):
+    folder = posixpath.join(workdir, name, sha)
+    return {
+        "folder": folder,
+        "source_tar": posixpath.join(folder, "source.tar"),
+        "source": posixpath.join(folder, "source"),
+        "tarball": posixpath.join(folder, "image.tar"),
+        "sif": posixpath.join(folder, f"{name}.sif"),
+        "checksum": posixpath.join(folder, f"{name}.sif.sha256"),
+    }
+
+
+def expand_home(path, home):
+    if path == "~":
+        return home
+    if path.startswith("~/"):
+        return posixpath.join(home, path[2:])
+    return path
+
+
+# ------------------------------------------------------------------ receipts and resume
+
+
+def check_tarball_receipt(receipt, found, receipt_path):
+    """`found`: {"size", "sha256"} of the tarball on the builder, or None when it is gone."""
+    rerun = f"rerun it with: snakemake --forcerun save_image (receipt {receipt_path})"
+    if found is None:
+        raise StepError(f"the saved image {receipt['path']} is gone from builder {receipt['host']}; {rerun}")
+    if found["size"] != receipt["size_bytes"] or found["sha256"] != receipt["sha256"]:
+        raise StepError(f"the saved image {receipt['path']} on builder {receipt['host']} does not match its receipt; {rerun}")
+
+
+def check_image_receipt(receipt, found_id, builder, receipt_path):
+    if found_id != receipt["image_id"]:
+        where = receipt.get("builder", {}).get("host", "the builder")
+        raise StepError(
+            f"builder {builder.host} no longer has image {receipt['tag']} ({receipt['image_id'][:19]}) named in "
+            f"{receipt_path}{'' if where == builder.host else f' (built on {where})'}; "
+            "rebuild it with: snakemake --forcerun build_image"
+        )
+
+
+def resume_offset(partial_size, partial_meta, remote_size, remote_sha256):
+    """Where to resume a download: the partial file's size when it belongs to the same remote
+    file (same digest and size) and is not longer than it, else 0 (start over)."""
+    if not partial_meta or partial_size <= 0:
+        return 0
+    if partial_meta.get("sha256") != remote_sha256 or partial_meta.get("size") != remote_size:
+        return 0
+    if partial_size > remote_size:
+        return 0
+    return partial_size
+
+
+def progress_line(name, done, total, started_bytes, elapsed):
+    rate = (done - started_bytes) / elapsed if elapsed > 0 else 0.0
+    percent = 100.0 * done / total if total else 100.0
+    return f"  download {name}: {done / 1e6:.1f} of {total / 1e6:.1f} MB ({percent:.0f}%), {rate / 1e6:.1f} MB/s"
+
+
+def parse_checks(output):
+    """The preflight script's output: {check: (exit status, text)}."""
+    found = {}
+    current = None
+    lines = []
+    for line in output.splitlines():
+        if line.startswith("@@check "):
+            current, lines = line.split(" ", 1)[1], []
+        elif line.startswith("@@rc ") and current:
+            found[current] = (int(line.split()[1]), "\n".join(lines).strip())
+            current = None
+        elif current:
+            lines.append(line)
+    return found
+
+
+def first_line(text, default=""):
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else default
+
+
+def preflight_problems(settings, workdir, checks):
+    """One line per problem found by the preflight script; an empty list when all is well."""
+    problems = []
+    where = f"builder {settings.display}"
+    rc, text = checks.get("docker", (127, ""))
+    if rc == 127 or "not found" in text and "docker" in text.split(":")[0]:
+        problems.append(f"{where}: docker is not installed (or not on the PATH of {settings.login}'s SSH sessions)")
+    elif rc != 0:
+        problems.append(f"{where}: the Docker engine does not answer `docker version`: {first_line(text)}")
+    else:
+        rc, text = checks.get("buildx", (1, ""))
+        if rc != 0:
+            problems.append(f"{where}: docker buildx is missing (repo2docker needs it): {first_line(text)}")
+    rc, text = checks.get("repo2docker", (127, ""))
+    if rc != 0:
+        problems.append(f"{where}: {settings.repo2docker} does not run: {first_line(text, 'not found')}")
+    rc, text = checks.get("runtime", (127, ""))
+    if rc != 0:
+        problems.append(f"{where}: {settings.runtime} does not run: {first_line(text, 'not found')}")
+    rc, text = checks.get("space", (1, ""))
+    free_kb = parse_df(text) if rc == 0 else None
+    if free_kb is None:
+        problems.append(f"{where}: cannot create or measure the work folder {workdir}: {first_line(text)}")
+    elif free_kb < settings.min_free_gb * 1e6:
+        problems.append(
+            f"{where}: only {free_kb / 1e6:.1f} GB free in {workdir} (min_free_gb: {settings.min_free_gb}); "
+            "free some space (docker image prune, old folders in the work folder)"
+        )
+    return problems
+
+
+def parse_df(text):
+    lines = text.splitlines()
+    try:
+        return int(lines[-1].split()[3])
+    except (IndexError, ValueError):
+        return None
+
+
+def preflight_script(settings, workdir):
+    checks = [
+        ("docker", ["docker", "version", "--format", "{{.Server.Version}}"]),
+        ("buildx", ["docker", "buildx", "version"]),
+        ("repo2docker", [settings.repo2docker, "--version"]),
+        ("runtime", [settings.runtime, "version"]),
+    ]
+    parts = [
+        f"printf '@@check %s\\n' {name}; {shlex.join(command)} 2>&1; printf '@@rc %s\\n' $?"
+        for name, command in checks
+    ]
+    parts.append(
+        "printf '@@check space\\n'; "
+        f"{remote_command(['mkdir', '-p', '--', workdir], ['df', '-Pk', '--', workdir])} 2>&1; printf '@@rc %s\\n' $?"
+    )
+    return "; ".join(parts)
+
+
+# ------------------------------------------------------------------ the connection
+
+
+def describe_connect_error(settings, error):
+    import paramiko
+
+    where = f"builder {settings.display}"
+    if isinstance(error, paramiko.BadHostKeyException):
+        return (
+            f"{where}: the host key CHANGED (known_hosts {settings.known_hosts} has another key); "
+            "if the builder was reinstalled, remove its old line from known_hosts"
+        )
+    if isinstance(error, UnknownHostKey):
+        return (
+            f"{where}: unknown host key ({error.fingerprint}), not in {settings.known_hosts}; "
+            "add it (ssh-keyscan, after checking the fingerprint) or set trust_unknown_host: true once"
+        )
+    if isinstance(error, paramiko.PasswordRequiredException):
+        return f"{where}: the key {settings.key_file} has a passphrase; load it into ssh-agent and leave key_file empty"
+    if isinstance(error, paramiko.AuthenticationException):
+        how = f"key {settings.key_file}" if settings.key_file else "the agent's keys and ~/.ssh/id_*"
+        return f"{where}: the builder refused {how} for user {settings.login}"
+    if isinstance(error, paramiko.ssh_exception.NoValidConnectionsError):
+        return f"{where}: connection refused (nothing listens on port {settings.port}?)"
+    if isinstance(error, (socket.timeout, TimeoutError)):
+        return f"{where}: no answer within {CONNECT_TIMEOUT_SECONDS} s (no route, or a firewall)"
+    if isinstance(error, socket.gaierror):
+        return f"{where}: unknown host name ({error.strerror})"
+    if isinstance(error, OSError):
+        return f"{where}: cannot connect: {error.strerror or error}"
+    return f"{where}: SSH failed: {first_line(str(error), type(error).__name__)}"
+
+
+class UnknownHostKey(Exception):
+    def __init__(self, fingerprint):
+        super().__init__(fingerprint)
+        self.fingerprint = fingerprint
+
+
+def fingerprint(key):
+    import base64
+
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return f"{key.get_name()} SHA256:{base64.b64encode(digest).decode().rstrip('=')}"
+
+
+def host_key_policy(settings, known_hosts):
+    import paramiko
+
+    class Policy(paramiko.MissingHostKeyPolicy):
+        def missing_host_key(self, client, hostname, key):
+            if not settings.trust_unknown_host:
+                raise UnknownHostKey(fingerprint(key))
+            # trusted once, as ssh's accept-new: recorded, and checked from now on
+            client.get_host_keys().add(hostname, key.get_name(), key)
+            known_hosts.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with open(known_hosts, "a") as handle:
+                handle.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+            print(f"  builder {settings.display}: trusted new host key {fingerprint(key)}", file=sys.stderr)
+
+    return Policy()
+
+
+CONNECTIONS = {}
+
+
+class Builder:
+    """One SSH connection to the builder; a context manager."""
+
+    def __init__(self, settings, log_path=None):
+        self.settings = settings
+        self.log_path = log_path
+        self.client = None
+        self.workdir = settings.workdir
+
+    def __enter__(self):
+        if self.client is None:
+            self.connect()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def log(self, text):
+        if self.log_path:
+            with open(self.log_path, "a") as handle:
+                handle.write(text.rstrip("\n") + "\n")
+
+    def connect(self):
+        import paramiko
+
+        quiet_paramiko(self.log_path)
+        settings = self.settings
+        known_hosts = Path(os.path.expanduser(settings.known_hosts))
+        client = paramiko.SSHClient()
+        try:
+            if known_hosts.exists():
+                client.load_host_keys(str(known_hosts))
+            client.set_missing_host_key_policy(host_key_policy(settings, known_hosts))
+            client.connect(
+                settings.host,
+                port=settings.port,
+                username=settings.login,
+                key_filename=os.path.expanduser(settings.key_file) if settings.key_file else None,
+                allow_agent=not settings.key_file,
+                look_for_keys=not settings.key_file,
+                timeout=CONNECT_TIMEOUT_SECONDS,
+                banner_timeout=CONNECT_TIMEOUT_SECONDS,
+                auth_timeout=CONNECT_TIMEOUT_SECONDS,
+            )
+        except Exception as error:  # every way SSH can fail becomes one line
+            client.close()
+            raise StepError(describe_connect_error(settings, error)) from None
+        self.client = client
+        self.log(f"connected to builder {settings.display}")
+        with self.guard("resolving the work folder"):
+            home = self.sftp().normalize(".")
+        self.workdir = expand_home(settings.workdir, home)
+        return self
+
+    def close(self):
+        if self.client:
+            self.client.close()
+            self.client = None
+
+    def guard(self, doing):
+        return ConnectionGuard(self, doing)
+
+    def sftp(self):
+        if not hasattr(self, "_sftp") or self._sftp.sock.closed:
+            self._sftp = self.client.open_sftp()
+        return self._sftp
+
+    def capture(self, command, timeout=120):
+        """Run a remote command line; (exit status, stdout, stderr) as text."""
+        with self.guard(f"running {command[:60]}"):
+            stdin, stdout, stderr = self.client.exec_command(command, timeout=timeout)
+            stdin.close()
+            out = stdout.read().decode("utf-8", "replace")
+            err = stderr.read().decode("utf-8", "replace")
+            return stdout.channel.recv_exit_status(), out, err
+
+    def check_output(self, command, what):
+        status, out, err = self.capture(command)
+        if status != 0:
+            raise StepError(f"builder {self.settings.display}: {what} failed: {first_line(err or out, f'exit status {status}')}")
+        return out
+
+    def run_logged(self, command, log_path, step):
+        """Run a remote command line with its output streamed live into `log_path`, a heartbeat
+        on the terminal, and StepError naming the log when it fails."""
+        started = time.monotonic()
+        finished = threading.Event()
+
+        def heartbeat():
+            while not finished.wait(HEARTBEAT_SECONDS):
+                elapsed = int(time.monotonic() - started)
+                print(f"  {step}: still running on {self.settings.host} after {elapsed} s (log: {log_path})", file=sys.stderr, flush=True)
+
+        threading.Thread(target=heartbeat, daemon=True).start()
+        try:
+            with open(log_path, "ab") as log, self.guard(step):
+                log.write(f"$ [{self.settings.display}] {command}\n".encode())
+                log.flush()
+                channel = self.client.get_transport().open_session()
+                channel.set_combine_stderr(True)
+                channel.exec_command(command)
+                channel.shutdown_write()
+                while True:
+                    data = channel.recv(32768)
+                    if not data:
+                        break
+                    log.write(data)
+                    log.flush()
+                status = channel.recv_exit_status()
+        finally:
+            finished.set()
+        if status == -1:
+            raise StepError(f"{step}: the connection to builder {self.settings.display} was lost; run again")
+        if status != 0:
+            raise StepError(f"{step} failed on builder {self.settings.host} (exit status {status}); see {log_path}:\n{tail(log_path)}")
+        print(f"  {step}: done on {self.settings.host} in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+
+    def stat(self, path):
+        """Size of a remote file, or None when it does not exist."""
+        with self.guard(f"looking at {path}"):
+            try:
+                return self.sftp().stat(path).st_size
+            except FileNotFoundError:
+                return None
+
+    def sha256(self, path):
+        """The builder's own sha256sum of a file, or None when it does not exist."""
+        status, out, _ = self.capture(remote_command(["sha256sum", "--", path]), timeout=3600)
+        if status != 0:
+            return None
+        return out.split()[0]
+
+    def upload_tar(self, folder, remote_path):
+        """Pack a local folder into a tar file on the builder, streamed (no local copy), under a
+        temporary name renamed when complete."""
+        import tarfile
+
+        partial = remote_path + ".partial"
+        with self.guard(f"sending {folder}"):
+            sftp = self.sftp()
+            with sftp.open(partial, "wb") as handle:
+                handle.set_pipelined(True)
+                with tarfile.open(fileobj=handle, mode="w|", format=tarfile.PAX_FORMAT) as archive:
+                    archive.add(str(folder), arcname=".")
+            sftp.posix_rename(partial, remote_path)
+
+    def download(self, remote_path, local_path, remote_sha256, before_rename=None):
+        """Bring a remote file to `local_path`: into a dot-partial file beside it, resumed from
+        that file when an earlier transfer was cut, checked against the builder's sha256, then
+        renamed into place."""
+        local_path = Path(local_path)
+        partial = local_path.with_name(f".{local_path.name}.partial")
+        meta_path = partial.with_name(partial.name + ".json")
+        size = self.stat(remote_path)
+        if size is None:
+            raise StepError(f"builder {self.settings.host} has no {remote_path}")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            meta = None
+        offset = resume_offset(partial.stat().st_size if partial.exists() else 0, meta, size, remote_sha256)
+        digest = hashlib.sha256()
+        if offset:
+            with open(partial, "rb") as handle:
+                while chunk := handle.read(4 << 20):
+                    digest.update(chunk)
+            message = f"  download {local_path.name}: resuming at {offset / 1e6:.1f} of {size / 1e6:.1f} MB from {partial.name}"
+        else:
+            partial.unlink(missing_ok=True)
+            message = f"  download {local_path.name}: {size / 1e6:.1f} MB from {self.settings.host}"
+        print(message, file=sys.stderr, flush=True)
+        self.log(message)
+        write_json_atomic(meta_path, {"sha256": remote_sha256, "size": size, "remote": remote_path, "host": self.settings.host})
+        limit = float(os.environ.get(RATE_LIMIT_VARIABLE) or 0)
+        started = time.monotonic()
+        last_report = started
+        done = offset
+        with self.guard(f"downloading {remote_path}"):
+            with self.sftp().open(remote_path, "rb") as source, open(partial, "r+b" if offset else "wb") as target:
+                source.seek(offset)
+                target.seek(offset)
+                source.prefetch(size)
+                while done < size:
+                    chunk = source.read(min(CHUNK, size - done))
+                    if not chunk:
+                        break
+                    target.write(chunk)
+                    digest.update(chunk)
+                    done += len(chunk)
+                    now = time.monotonic()
+                    if limit:
+                        # sleep to stay under the rate, measured from the start of this transfer
+                        ahead = (done - offset) / limit - (now - started)
+                        if ahead > 0:
+                            target.flush()
+                            time.sleep(ahead)
+                            now = time.monotonic()
+                    if now - last_report >= PROGRESS_SECONDS:
+                        target.flush()
+                        line = progress_line(local_path.name, done, size, offset, now - started)
+                        print(line, file=sys.stderr, flush=True)
+                        self.log(line)
+                        last_report = now
+                target.flush()
+                os.fsync(target.fileno())
+        if done != size:
+            raise StepError(f"download of {remote_path} ended at {done} of {size} bytes; run again to resume")
+        if digest.hexdigest() != remote_sha256:
+            partial.unlink(missing_ok=True)
+            meta_path.unlink(missing_ok=True)
+            raise StepError(f"the downloaded {local_path.name} does not match the builder's sha256; run again to fetch it anew")
+        os.chmod(partial, 0o644)
+        if before_rename:
+            before_rename()
+        os.replace(partial, local_path)
+        meta_path.unlink(missing_ok=True)
+        elapsed = time.monotonic() - started
+        line = f"  download {local_path.name}: done, {(size - offset) / 1e6:.1f} MB in {elapsed:.1f} s, sha256 verified"
+        print(line, file=sys.stderr, flush=True)
+        self.log(line)
+
+
+class ConnectionGuard:
+    """Turn a connection lost midway (or any SSH failure) into one line instead of a traceback."""
+
+    def __init__(self, builder, doing):
+        self.builder = builder
+        self.doing = doing
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, trace):
+        import paramiko
+
+        if error is None or isinstance(error, (StepError, KeyboardInterrupt, SystemExit)):
+            return False
+        if isinstance(error, (paramiko.SSHException, EOFError, OSError)) and not isinstance(error, FileNotFoundError):
+            raise StepError(
+                f"the connection to builder {self.builder.settings.display} failed while {self.doing}: "
+                f"{first_line(str(error), type(error).__name__)}; run again"
+            ) from None
+        return False
+
+
+def quiet_paramiko(log_path):
+    """paramiko logs its own errors (with tracebacks) to stderr; keep them in the rule's log."""
+    logger = logging.getLogger("paramiko")
+    logger.propagate = False
+    logger.handlers.clear()
+    if log_path:
+        handler = logging.FileHandler(log_path)
+        handler.setFormatter(logging.Formatter("paramiko: %(message)s"))
+        handler.setLevel(logging.WARNING)
+        logger.addHandler(handler)
+    else:
+        logger.addHandler(logging.NullHandler())
+
+
+PREFLIGHT_DONE = {}
+
+
+def preflight(builder):
+    """Check the builder once per process: Docker, buildx, repo2docker, the runtime (versions
+    into the log) and free space in the work folder. Raises StepError with one line per problem."""
+    key = builder.settings
+    if key in PREFLIGHT_DONE:
+        return PREFLIGHT_DONE[key]
+    _, out, _ = builder.capture(preflight_script(builder.settings, builder.workdir))
+    checks = parse_checks(out)
+    problems = preflight_problems(builder.settings, builder.workdir, checks)
+    if problems:
+        builder.log("\n".join(problems))
+        raise StepError("\n".join(problems))
+    versions = {name: first_line(text) for name, (_, text) in checks.items() if name != "space"}
+    versions["free_gb"] = round(parse_df(checks["space"][1]) / 1e6, 1)
+    builder.log("builder preflight: " + json.dumps(versions, sort_keys=True))
+    PREFLIGHT_DONE[key] = versions
+    return versions
+
+
+def connect(settings, log_path):
+    """A connected, preflighted builder."""
+    builder = Builder(settings, log_path).connect()
+    try:
+        preflight(builder)
+    except BaseException:
+        builder.close()
+        raise
+    return builder
