@@ -65,6 +65,16 @@ def test_culling_settings_follow_the_jupyter_application():
     assert "--ServerApp.shutdown_no_activity_timeout=20" in jupyter.culling_arguments(["jupyter", "lab"], 20)
 
 
+def test_server_command_binds_each_folder_as_one_argument(tmp_path):
+    image = {"working_folder": "/home/jovyan", "home": "/home/jovyan"}
+    command = jupyter.server_command(
+        "apptainer", tmp_path, image, tmp_path / "env", ["jupyter", "notebook"], 1, binds=["/scratch/a b:/mnt", "/p:/srv:ro"]
+    )
+    assert command[command.index("/scratch/a b:/mnt") - 1] == "--bind"
+    assert command[command.index("/p:/srv:ro") - 1] == "--bind"
+    assert command.index("/p:/srv:ro") < command.index(str(tmp_path.resolve()))
+
+
 def test_server_command_for_a_slurm_job_leaves_address_and_port_to_the_node(tmp_path):
     sandbox = tmp_path / "sandbox"
     (sandbox / "home" / "jovyan").mkdir(parents=True)
@@ -156,11 +166,18 @@ def example(cluster, tmp_path_factory):
     repo.commit("first")
     workdir = base / "work"
     workdir.mkdir()
+    # a site's scratch folder, bound into the server
+    (base / "scratch").mkdir()
+    (base / "scratch" / "note.txt").write_text("from scratch\n")
     return repo, workdir
 
 
 def config_for(repo, **extra):
-    return {"repo": repo.path, "ref": "main", "name": "example", "launch_on": "slurm", "slurm_partition": PARTITION, **extra}
+    scratch = repo.path.parent / "scratch"
+    return {
+        "repo": repo.path, "ref": "main", "name": "example", "launch_on": "slurm", "slurm_partition": PARTITION,
+        "launch_binds": f"[{scratch}:/mnt:ro]", **extra,
+    }
 
 
 def on_slurm(workdir, *args, **kwargs):
@@ -237,10 +254,14 @@ def test_server_answers_with_token_and_refuses_without(launched):
 @integration
 def test_kernel_runs_code_on_the_node_after_the_start_script(launched):
     *_, connection, _ = launched
-    code = "import os, socket; print(os.getcwd(), os.environ.get('REPO2SINGULARITY_START_RAN'), os.environ.get('SLURM_JOB_ID'))"
-    cwd, start_ran, job_id = execute(connection["url"], connection["token"], code).split()
-    assert cwd == "/home/jovyan" and start_ran == "yes"
-    # --cleanenv keeps Slurm's variables out, so compare the node instead
+    code = (
+        "import os; print(os.getcwd(), os.environ.get('REPO2SINGULARITY_START_RAN'), os.environ.get('SLURM_JOB_ID'),"
+        " open('/mnt/note.txt').read().split()[-1], os.path.exists('hello.ipynb'))"
+    )
+    cwd, start_ran, job_id, scratch, notebook = execute(connection["url"], connection["token"], code).split()
+    # the repository is the working folder, the start script ran, the bind did not hide it
+    assert (cwd, start_ran, scratch, notebook) == ("/home/jovyan", "yes", "scratch", "True")
+    # --cleanenv keeps the job's variables away from the notebook
     assert job_id == "None"
 
 

@@ -30,6 +30,8 @@ rule launch_jupyter:
         idle_timeout=config["idle_timeout"],
         launch_on=config["launch_on"],
         slurm=jupyter.slurm_settings(config),
+        runtime_args=config["launch_runtime_args"],
+        binds=config["launch_binds"],
     script:
         f"{SCRIPTS}/jupyter.py"
 

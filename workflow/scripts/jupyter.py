@@ -60,7 +60,17 @@ def culling_arguments(jupyter_command, idle_timeout):
 
 
 def server_command(
-    runtime, sandbox, image, env_file, jupyter_command, port, writable=True, host=HOST, runtime_args=(), jupyter_args=()
+    runtime,
+    sandbox,
+    image,
+    env_file,
+    jupyter_command,
+    port,
+    writable=True,
+    host=HOST,
+    runtime_args=(),
+    jupyter_args=(),
+    binds=(),
 ):
     """`run` keeps the image's entrypoint, so repo2docker's start script runs first; --pwd
     makes the repository the working folder; the token travels in an owner-only env file,
@@ -70,9 +80,14 @@ def server_command(
     image's /home and hide the repository there; instead the image's own home folder inside
     the sandbox is the home, as on Binder.
 
+    Binds (site scratch, project folders) are "source[:destination[:options]]" as the runtime
+    takes them; in a writable sandbox a destination must already exist in the image.
+
     port None leaves out address and port: a Slurm job adds them on its node."""
     sandbox = Path(sandbox).resolve()
     command = [runtime, "run", *runtime_args, "--cleanenv", "--env-file", str(env_file), "--pwd", image["working_folder"]]
+    for bind in binds:
+        command += ["--bind", bind]
     image_home = image.get("home", "")
     if writable:
         command.append("--writable")
@@ -171,7 +186,18 @@ def retire_previous(connection_file):
 
 
 def launch(
-    runtime, sandbox, receipt, connection_file, server_log, jupyter_command, timeout, writable=True, idle_timeout=0, log=None
+    runtime,
+    sandbox,
+    receipt,
+    connection_file,
+    server_log,
+    jupyter_command,
+    timeout,
+    writable=True,
+    idle_timeout=0,
+    log=None,
+    runtime_args=(),
+    binds=(),
 ):
     retire_previous(connection_file)
     image = json.loads(Path(receipt).read_text())
@@ -181,7 +207,10 @@ def launch(
     env_file = create_owner_only(folder / ".jupyter.env", f"JUPYTER_TOKEN={token}\n")
     log_handle = open(create_owner_only(server_log), "ab")
     jupyter_args = culling_arguments(jupyter_command, idle_timeout)
-    command = server_command(runtime, sandbox, image, env_file, jupyter_command, port, writable, jupyter_args=jupyter_args)
+    command = server_command(
+        runtime, sandbox, image, env_file, jupyter_command, port, writable,
+        runtime_args=runtime_args, jupyter_args=jupyter_args, binds=binds,
+    )
     note(log, f"$ {shlex.join(command)}")
     process = subprocess.Popen(
         command,
@@ -276,7 +305,7 @@ def wait_for_slurm_server(job_id, node_file, token, queue_timeout, timeout, serv
 
 def launch_slurm(
     runtime, sandbox, receipt, connection_file, server_log, jupyter_command, timeout, writable=True, idle_timeout=0,
-    settings=None, log=None,
+    settings=None, log=None, runtime_args=(), binds=(),
 ):
     """Submit the server as a batch job of its own, wait until it answers on its node."""
     settings = settings or {}
@@ -291,10 +320,11 @@ def launch_slurm(
     node_file.unlink(missing_ok=True)
     server_log = Path(server_log).resolve()
     create_owner_only(server_log)
-    runtime_args = ["--nv"] if settings.get("gpus") else []
+    runtime_args = [*(["--nv"] if settings.get("gpus") else []), *runtime_args]
     jupyter_args = culling_arguments(jupyter_command, idle_timeout)
     command = server_command(
-        runtime, sandbox, image, env_file, jupyter_command, None, writable, runtime_args=runtime_args, jupyter_args=jupyter_args
+        runtime, sandbox, image, env_file, jupyter_command, None, writable,
+        runtime_args=runtime_args, jupyter_args=jupyter_args, binds=binds,
     )
     script = folder / "jupyter.sbatch"
     write_text_atomic(script, slurm.job_script(sys.executable, Path(__file__).resolve(), node_file, command), mode=0o700)
@@ -537,6 +567,8 @@ elif "snakemake" in globals():
             snakemake.params.writable,
             snakemake.params.idle_timeout,
             log=snakemake.log[0],
+            runtime_args=snakemake.params.runtime_args,
+            binds=snakemake.params.binds,
             **options,
         ),
     )
