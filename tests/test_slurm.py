@@ -219,6 +219,8 @@ def test_sandbox_is_built_by_a_slurm_job(launched):
     assert len(sandbox_jobs) == 1, records
     # run by Slurm as the account that ran the workflow, and finished
     assert "JobState=COMPLETED" in sandbox_jobs[0] and f"UserId={getpass.getuser()}(" in sandbox_jobs[0]
+    # with the resources the profile sets for it
+    assert "MinMemoryNode=2000M" in sandbox_jobs[0] and "TimeLimit=00:30:00" in sandbox_jobs[0], sandbox_jobs[0]
     # builder rules stayed on this machine
     assert not any("rule_build_image" in record or "rule_build_sif" in record for record in records.values())
     assert (folder_of(workdir, sha) / "sandbox" / "home" / "jovyan").is_dir()
