@@ -44,6 +44,21 @@ if [ "$(id -u)" -eq 0 ]; then
             mount -t tmpfs -o size=600m,mode=0755 r2s-small "$small"
         fi
         chown "$account:" "$small"
+        # the remote-builder tests run an sshd of their own as the account (tests/test_remote.py);
+        # only the program is needed: policy-rc.d keeps the package from starting a system sshd
+        if [ ! -x /usr/sbin/sshd ]; then
+            echo "openssh-server: installing (not started)"
+            policy=/usr/sbin/policy-rc.d
+            made_policy=0
+            if [ ! -e "$policy" ]; then
+                printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 0755 "$policy" && made_policy=1
+                trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+            fi
+            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssh-server >/dev/null
+            if [ "$made_policy" = 1 ]; then
+                rm -f "$policy" && trap - EXIT
+            fi
+        fi
     fi
     # the account needs a python it can run: root's own may live under /root
     if ! runuser -u "$account" -- env -i PATH=/usr/local/bin:/usr/bin:/bin python3 -c 'import ensurepip, venv' 2>/dev/null; then

@@ -414,3 +414,61 @@ def test_builder_without_docker(lab):
         expect_one_line_failure(lab, "no-docker", "docker is not installed", port=sshd.port, known_hosts=str(known_hosts))
     finally:
         sshd.stop()
+
+
+def test_process_group_mark():
+    assert builder.parse_pgid(b"@@r2s-pgid 4242") == 4242
+    assert builder.parse_pgid(b"Step 1/2 : FROM debian") is None
+    assert builder.parse_pgid(b"@@r2s-pgid x") is None
+
+
+def processes_running(needle):
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if needle in (entry / "cmdline").read_bytes().replace(b"\0", b" "):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.integration
+def test_a_cancelled_step_stops_its_command_on_the_builder(lab, tmp_path):
+    """Snakemake cancels a job with SIGTERM: the command on the builder must end with it."""
+    settings = builder.settings_from_config(yaml.safe_load(builder_config(lab, tmp_path).read_text()))
+    script = tmp_path / "step.py"
+    script.write_text(
+        "import signal, sys\n"
+        f"sys.path.insert(0, {str(PROJECT / 'workflow' / 'scripts')!r})\n"
+        "import builder, steps\n"
+        "signal.signal(signal.SIGTERM, steps.stop_on_signal)\n"
+        f"settings = builder.BuilderSettings(**{settings.__dict__!r})\n"
+        f"with builder.Builder(settings, {str(tmp_path / 'step.log')!r}) as b:\n"
+        f"    b.run_logged(builder.remote_command(['sleep', '321.5']), {str(tmp_path / 'step.log')!r}, 'sleeping')\n"
+    )
+    step = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not processes_running(b"sleep 321.5"):
+        assert step.poll() is None, step.stderr.read()
+        assert time.monotonic() < deadline, "the remote command did not start"
+        time.sleep(0.1)
+    step.send_signal(signal.SIGTERM)
+    step.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while processes_running(b"sleep 321.5"):
+        assert time.monotonic() < deadline, "the command on the builder outlived its cancelled step"
+        time.sleep(0.1)
+
+
+@pytest.mark.integration
+def test_trusting_an_unknown_host_records_its_key(lab, tmp_path):
+    known_hosts = tmp_path / "known_hosts"
+    config = yaml.safe_load(builder_config(lab, tmp_path, known_hosts=str(known_hosts), trust_unknown_host=True).read_text())
+    with builder.Builder(builder.settings_from_config(config)):
+        pass
+    assert known_hosts.read_text().split()[1:] == lab["sshd"].known_hosts_line().split()[1:]
+    config["builder"]["trust_unknown_host"] = False
+    with builder.Builder(builder.settings_from_config(config)):
+        pass  # known now: no trust needed

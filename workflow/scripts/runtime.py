@@ -100,9 +100,8 @@ def remote_build_sif(settings, name, sha, tarball_receipt, sif, checksum, log, c
         paths = builder.remote_paths(connection.workdir, name, sha)
         digest = finished_remote_sif(connection, paths)
         if digest is None:
-            found = None
-            if connection.stat(saved["path"]) is not None:
-                found = {"size": connection.stat(saved["path"]), "sha256": connection.sha256(saved["path"])}
+            size = connection.stat(saved["path"])
+            found = None if size is None else {"size": size, "sha256": connection.sha256(saved["path"])}
             builder.check_tarball_receipt(saved, found, tarball_receipt)
             _, help_text, _ = connection.capture(builder.remote_command([settings.runtime, "build", "--help"]))
             compression = choose_compression(compression_setting, "--mksquashfs-args" in help_text)

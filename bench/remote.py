@@ -1,0 +1,143 @@
+"""Benchmark the remote builder, side by side in one run on loopback (this machine is noisy, so
+only ratios taken in the same run mean anything):
+
+1. a SIF-sized file brought back through the builder transport (paramiko SFTP, with the sha256
+   and rename the workflow does) against OpenSSH `scp` of the same file from the same sshd;
+2. the workflow's cold chain (resolve -> SIF) with the builder over SSH against the same chain
+   with `builder: local`, on the same repository and commit, Docker's build cache emptied
+   before each.
+
+An sshd of the benchmark's own runs as this account on 127.0.0.1 (as in tests/test_remote.py).
+Run it as the account that runs the workflow:
+    .venv/bin/python bench/remote.py [--repeat N] [--size-mb 300] [--repo tiny|example]
+"""
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(PROJECT / "workflow" / "scripts"))
+sys.path.insert(0, str(PROJECT / "tests"))
+
+import builder  # noqa: E402
+from conftest import GitRepo  # noqa: E402
+from steps import sha256_file  # noqa: E402
+from test_remote import RUNTIME, Sshd, builder_config, keygen  # noqa: E402
+
+
+def quiet(command, **kwargs):
+    subprocess.run([str(c) for c in command], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)
+
+
+def transfer(lab, source, size, repeat):
+    settings = builder.settings_from_config({"builder": {
+        "host": "127.0.0.1", "port": lab["sshd"].port, "key_file": str(lab["client_key"]),
+        "known_hosts": str(lab["known_hosts"]),
+    }})
+    digest = sha256_file(source)
+    rows = {"builder transport (SFTP + sha256)": [], "scp": []}
+    for _ in range(repeat):
+        target = lab["base"] / "down" / "bench.sif"
+        target.parent.mkdir(exist_ok=True)
+        target.unlink(missing_ok=True)
+        started = time.monotonic()
+        with builder.Builder(settings) as connection:
+            connection.download(str(source), target, digest)
+        rows["builder transport (SFTP + sha256)"].append(time.monotonic() - started)
+        copy = lab["base"] / "down" / "scp.sif"
+        copy.unlink(missing_ok=True)
+        started = time.monotonic()
+        quiet(["scp", "-q", "-P", lab["sshd"].port, "-i", lab["client_key"], "-o", f"UserKnownHostsFile={lab['known_hosts']}",
+               "-o", "BatchMode=yes", f"127.0.0.1:{source}", copy])
+        rows["scp"].append(time.monotonic() - started)
+    return {name: size / statistics.median(times) / 1e6 for name, times in rows.items()}, rows
+
+
+def empty_docker_cache(tag):
+    subprocess.run(["docker", "image", "rm", "--force", tag], capture_output=True)
+    quiet(["docker", "builder", "prune", "--all", "--force"])
+
+
+def chain(lab, repo, sha, mode, round_number):
+    workdir = lab["base"] / f"chain-{mode}-{round_number}"
+    workdir.mkdir()
+    command = [BIN / "snakemake", "--snakefile", PROJECT / "Snakefile", "--directory", workdir, "--cores", "2", "build",
+               "--config", f"repo={repo.path}", "ref=main", "name=bench"]
+    if mode == "remote":
+        command += ["--configfile", builder_config(lab, workdir, workdir=str(lab["base"] / "builder-work"))]
+    empty_docker_cache(f"r2s-bench:{sha}")
+    started = time.monotonic()
+    quiet(command)
+    return time.monotonic() - started
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeat", type=int, default=3, help="transfers of each kind (median taken)")
+    parser.add_argument("--chains", type=int, default=1, help="cold chains of each kind, alternating")
+    parser.add_argument("--size-mb", type=int, default=300, help="size of the transferred file")
+    parser.add_argument("--repo", choices=("tiny", "example"), default="tiny",
+                        help="tiny: FROM debian:bookworm + 24 MB of random bytes; example: the bundled Jupyter example")
+    parser.add_argument("--only", choices=("transfer", "chain"), help="run one part only")
+    args = parser.parse_args()
+
+    base = Path(tempfile.mkdtemp(prefix="r2s-bench-remote-"))
+    keys = base / "keys"
+    keys.mkdir()
+    client_key = keygen(keys / "client")
+    sshd = Sshd(base / "sshd", client_key)
+    known_hosts = base / "known_hosts"
+    known_hosts.write_text(sshd.known_hosts_line())
+    lab = {"base": base, "sshd": sshd, "client_key": client_key, "known_hosts": known_hosts}
+    try:
+        if args.only != "chain":
+            run_transfer(lab, base, args)
+        if args.only != "transfer":
+            run_chains(lab, base, args)
+    finally:
+        sshd.stop()
+        subprocess.run(["rm", "-rf", str(base)], check=False)
+
+
+def run_transfer(lab, base, args):
+    source = base / "payload.bin"
+    with open(source, "wb") as handle:
+        for _ in range(args.size_mb):
+            handle.write(os.urandom(1 << 20))
+    size = source.stat().st_size
+    rates, times = transfer(lab, source, size, args.repeat)
+    print(f"\n1. {size / 1e6:.0f} MB from the builder over loopback, median of {args.repeat}:")
+    for name, rate in rates.items():
+        print(f"   {name:36s} {rate:7.1f} MB/s   ({', '.join(f'{t:.2f}' for t in times[name])} s)")
+    print(f"   ratio transport / scp: {rates['builder transport (SFTP + sha256)'] / rates['scp']:.2f} (goal >= 0.8)")
+
+
+def run_chains(lab, base, args):
+    repo = GitRepo(base / "repo", branch="main")
+    if args.repo == "example":
+        shutil.copytree(PROJECT / "example", repo.path, dirs_exist_ok=True)
+        repo.commit("example")
+    else:
+        repo.commit("tiny", {"Dockerfile": "FROM debian:bookworm\nRUN head -c 24000000 /dev/urandom > /blob\n"})
+    sha = repo.head()
+    results = {"local": [], "remote": []}
+    for round_number in range(args.chains):
+        for mode in ("local", "remote"):
+            results[mode].append(chain(lab, repo, sha, mode, round_number))
+    local, remote = (statistics.median(results[m]) for m in ("local", "remote"))
+    print(f"\n2. cold chain (resolve -> SIF), repo {args.repo}, {RUNTIME}, median of {args.chains}:")
+    for mode in ("local", "remote"):
+        print(f"   {mode:8s} {statistics.median(results[mode]):7.1f} s   ({', '.join(f'{t:.1f}' for t in results[mode])})")
+    print(f"   ratio remote / local: {remote / local:.2f} (goal <= 1.15)")
+
+
+if __name__ == "__main__":
+    main()
