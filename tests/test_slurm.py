@@ -344,6 +344,21 @@ def test_server_that_never_answers_is_cancelled_after_the_wait(launched):
 
 
 @integration
+def test_job_left_waiting_in_the_queue_is_cancelled_after_the_queue_timeout(launched):
+    repo, workdir, sha, *_ = launched
+    # extra sbatch arguments reach sbatch as they are: this one keeps the job pending
+    settings = {"slurm_sbatch_args": "[--begin=now+3600]", "slurm_queue_timeout": 3}
+    result = on_slurm(workdir, "launch", config=config_for(repo, **settings), check=False)
+    assert result.returncode != 0
+    line = next(line for line in result.stderr.splitlines() if line.startswith("launch_jupyter: "))
+    assert re.fullmatch(
+        r"launch_jupyter: the Slurm job \d+ was still waiting in the queue after 3 s \(BeginTime\); it was cancelled \(slurm_queue_timeout\)",
+        line,
+    ), line
+    assert not my_active_jobs()
+
+
+@integration
 def test_idle_server_shuts_itself_down_and_its_job_ends(launched):
     repo, workdir, sha, *_ = launched
     # notebook 6 checks for inactivity once a minute

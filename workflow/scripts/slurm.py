@@ -78,7 +78,8 @@ def job_state(job_id):
     if not line:
         return None, ""
     state, _, detail = line.partition("|")
-    return state.strip(), detail.strip()
+    # a pending job's reason comes in parentheses, "(Resources)"; a running job's is its nodes
+    return state.strip(), detail.strip().removeprefix("(").removesuffix(")")
 
 
 def is_active(state):
