@@ -72,7 +72,7 @@ def chain(lab, repo, sha, mode, round_number):
     command = [BIN / "snakemake", "--snakefile", PROJECT / "Snakefile", "--directory", workdir, "--cores", "2", "build",
                "--config", f"repo={repo.path}", "ref=main", "name=bench"]
     if mode == "remote":
-        command += ["--configfile", builder_config(lab, workdir, workdir=str(lab["base"] / "builder-work"))]
+        command += ["--configfile", builder_config(lab, workdir)]
     empty_docker_cache(f"r2s-bench:{sha}")
     started = time.monotonic()
     quiet(command)

@@ -107,6 +107,11 @@ def test_preflight_problems_are_one_line_each():
     for check, (value, expected) in cases.items():
         problems = builder.preflight_problems(settings, "/w", {**good, check: value})
         assert len(problems) == 1 and expected in problems[0] and "\n" not in problems[0]
+    # a step checks only the tools it needs (and always the space)
+    no_docker = {**good, "docker": (127, "sh: 1: docker: not found")}
+    assert builder.preflight_problems(settings, "/w", no_docker, needs=builder.STEP_TOOLS["build_sif"]) == []
+    assert builder.preflight_problems(settings, "/w", no_docker, needs=builder.STEP_TOOLS["save_image"])
+    assert "--version" in builder.preflight_script(settings, "/w") and "--version" not in builder.preflight_script(settings, "/w", ("runtime",))
 
 
 # ------------------------------------------------------------------ an sshd of the test's own

@@ -199,34 +199,42 @@ def parse_checks(output):
     return found
 
 
-def first_line(text, default=""):
+def last_line(text, default=""):
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else default
 
 
-def preflight_problems(settings, workdir, checks):
+TOOLS = ("docker", "buildx", "repo2docker", "runtime")
+# what each builder step needs: a step checks its own tools, so a rerun that starts at a later
+# step is still checked first, and the cheap steps do not wait for repo2docker to start
+STEP_TOOLS = {"build_image": TOOLS, "save_image": ("docker",), "build_sif": ("runtime",)}
+
+
+def preflight_problems(settings, workdir, checks, needs=TOOLS):
     """One line per problem found by the preflight script; an empty list when all is well."""
     problems = []
     where = f"builder {settings.display}"
     rc, text = checks.get("docker", (127, ""))
-    if rc == 127 or "not found" in text and "docker" in text.split(":")[0]:
+    if "docker" not in needs:
+        pass
+    elif rc == 127 or "not found" in text and "docker" in text.split(":")[0]:
         problems.append(f"{where}: docker is not installed (or not on the PATH of {settings.login}'s SSH sessions)")
     elif rc != 0:
-        problems.append(f"{where}: the Docker engine does not answer `docker version`: {first_line(text)}")
-    else:
+        problems.append(f"{where}: the Docker engine does not answer `docker version`: {last_line(text)}")
+    elif "buildx" in needs:
         rc, text = checks.get("buildx", (1, ""))
         if rc != 0:
-            problems.append(f"{where}: docker buildx is missing (repo2docker needs it): {first_line(text)}")
+            problems.append(f"{where}: docker buildx is missing (repo2docker needs it): {last_line(text)}")
     rc, text = checks.get("repo2docker", (127, ""))
-    if rc != 0:
-        problems.append(f"{where}: {settings.repo2docker} does not run: {first_line(text, 'not found')}")
+    if "repo2docker" in needs and rc != 0:
+        problems.append(f"{where}: {settings.repo2docker} does not run: {last_line(text, 'not found')}")
     rc, text = checks.get("runtime", (127, ""))
-    if rc != 0:
-        problems.append(f"{where}: {settings.runtime} does not run: {first_line(text, 'not found')}")
+    if "runtime" in needs and rc != 0:
+        problems.append(f"{where}: {settings.runtime} does not run: {last_line(text, 'not found')}")
     rc, text = checks.get("space", (1, ""))
     free_kb = parse_df(text) if rc == 0 else None
     if free_kb is None:
-        problems.append(f"{where}: cannot create or measure the work folder {workdir}: {first_line(text)}")
+        problems.append(f"{where}: cannot create or measure the work folder {workdir}: {last_line(text)}")
     elif free_kb < settings.min_free_gb * 1e6:
         problems.append(
             f"{where}: only {free_kb / 1e6:.1f} GB free in {workdir} (min_free_gb: {settings.min_free_gb}); "
@@ -243,7 +251,7 @@ def parse_df(text):
         return None
 
 
-def preflight_script(settings, workdir):
+def preflight_script(settings, workdir, needs=TOOLS):
     checks = [
         ("docker", ["docker", "version", "--format", "{{.Server.Version}}"]),
         ("buildx", ["docker", "buildx", "version"]),
@@ -253,6 +261,7 @@ def preflight_script(settings, workdir):
     parts = [
         f"printf '@@check %s\\n' {name}; {shlex.join(command)} 2>&1; printf '@@rc %s\\n' $?"
         for name, command in checks
+        if name in needs
     ]
     parts.append(
         "printf '@@check space\\n'; "
@@ -291,7 +300,7 @@ def describe_connect_error(settings, error):
         return f"{where}: unknown host name ({error.strerror})"
     if isinstance(error, OSError):
         return f"{where}: cannot connect: {error.strerror or error}"
-    return f"{where}: SSH failed: {first_line(str(error), type(error).__name__)}"
+    return f"{where}: SSH failed: {last_line(str(error), type(error).__name__)}"
 
 
 class UnknownHostKey(Exception):
@@ -429,7 +438,7 @@ class Builder:
     def check_output(self, command, what):
         status, out, err = self.capture(command)
         if status != 0:
-            raise StepError(f"builder {self.settings.display}: {what} failed: {first_line(err or out, f'exit status {status}')}")
+            raise StepError(f"builder {self.settings.display}: {what} failed: {last_line(err or out, f'exit status {status}')}")
         return out
 
     def run_logged(self, command, log_path, step):
@@ -614,7 +623,7 @@ class ConnectionGuard:
         if isinstance(error, (paramiko.SSHException, EOFError, OSError)) and not isinstance(error, FileNotFoundError):
             raise StepError(
                 f"the connection to builder {self.builder.settings.display} failed while {self.doing}: "
-                f"{first_line(str(error), type(error).__name__)}; run again"
+                f"{last_line(str(error), type(error).__name__)}; run again"
             ) from None
         return False
 
@@ -636,30 +645,31 @@ def quiet_paramiko(log_path):
 PREFLIGHT_DONE = {}
 
 
-def preflight(builder):
-    """Check the builder once per process: Docker, buildx, repo2docker, the runtime (versions
-    into the log) and free space in the work folder. Raises StepError with one line per problem."""
-    key = builder.settings
+def preflight(builder, needs=TOOLS):
+    """Check the builder once per process: the tools a step needs (Docker, buildx, repo2docker,
+    the runtime; versions into the log) and free space in the work folder. Raises StepError
+    with one line per problem."""
+    key = (builder.settings, tuple(needs))
     if key in PREFLIGHT_DONE:
         return PREFLIGHT_DONE[key]
-    _, out, _ = builder.capture(preflight_script(builder.settings, builder.workdir))
+    _, out, _ = builder.capture(preflight_script(builder.settings, builder.workdir, needs))
     checks = parse_checks(out)
-    problems = preflight_problems(builder.settings, builder.workdir, checks)
+    problems = preflight_problems(builder.settings, builder.workdir, checks, needs)
     if problems:
         builder.log("\n".join(problems))
         raise StepError("\n".join(problems))
-    versions = {name: first_line(text) for name, (_, text) in checks.items() if name != "space"}
+    versions = {name: last_line(text) for name, (_, text) in checks.items() if name != "space"}
     versions["free_gb"] = round(parse_df(checks["space"][1]) / 1e6, 1)
     builder.log("builder preflight: " + json.dumps(versions, sort_keys=True))
     PREFLIGHT_DONE[key] = versions
     return versions
 
 
-def connect(settings, log_path):
-    """A connected, preflighted builder."""
+def connect(settings, log_path, needs=TOOLS):
+    """A connected builder, checked for the tools `needs` names."""
     builder = Builder(settings, log_path).connect()
     try:
-        preflight(builder)
+        builder.versions = preflight(builder, needs)
     except BaseException:
         builder.close()
         raise

@@ -157,7 +157,7 @@ def remote_inspect_image(connection, tag):
 def remote_build_image(settings, name, sha, source, tag, labels, receipt, log, user_name, user_id, subdir="", extra_args=()):
     """Send the clone to the builder as a tar file, run repo2docker there with the same
     arguments as a local build, and write the receipt here."""
-    with builder.connect(settings, log) as connection:
+    with builder.connect(settings, log, builder.STEP_TOOLS["build_image"]) as connection:
         paths = builder.remote_paths(connection.workdir, name, sha)
         connection.check_output(builder.remote_command(["mkdir", "-p", "--", paths["folder"]]), "creating the work folder")
         connection.log(f"sending {source} to {paths['source_tar']}")
@@ -177,7 +177,6 @@ def remote_build_image(settings, name, sha, source, tag, labels, receipt, log, u
         details = remote_inspect_image(connection, tag)
         if details is None:
             raise StepError(f"repo2docker finished but Docker on builder {settings.host} has no image {tag}")
-        version = connection.check_output(builder.remote_command([settings.repo2docker, "--version"]), "repo2docker --version")
         # the image holds everything now; the unpacked source is not needed on the builder
         connection.capture(builder.remote_command(["rm", "-rf", "--", paths["source"]]))
         config = details.get("Config") or {}
@@ -186,7 +185,7 @@ def remote_build_image(settings, name, sha, source, tag, labels, receipt, log, u
             {
                 "image_id": details["Id"],
                 "tag": tag,
-                "repo2docker_version": version.strip(),
+                "repo2docker_version": connection.versions["repo2docker"],
                 "labels": config.get("Labels") or {},
                 "working_folder": working_folder(config),
                 "home": image_environment(config).get("HOME") or f"/home/{user_name}",
@@ -200,7 +199,7 @@ def remote_build_image(settings, name, sha, source, tag, labels, receipt, log, u
 def remote_save_image(settings, name, sha, receipt, tarball_receipt, log):
     """docker save on the builder; the tarball stays there and a receipt names it here."""
     image = json.loads(Path(receipt).read_text())
-    with builder.connect(settings, log) as connection:
+    with builder.connect(settings, log, builder.STEP_TOOLS["save_image"]) as connection:
         details = remote_inspect_image(connection, image["tag"])
         builder.check_image_receipt(image, details and details["Id"], settings, receipt)
         paths = builder.remote_paths(connection.workdir, name, sha)

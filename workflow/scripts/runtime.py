@@ -96,7 +96,7 @@ def remote_build_sif(settings, name, sha, tarball_receipt, sif, checksum, log, c
     """apptainer build on the builder (the SIF is kept there until it is here, so a cut
     download resumes without building again), then bring the SIF back, verified."""
     saved = json.loads(Path(tarball_receipt).read_text())
-    with builder.connect(settings, log) as connection:
+    with builder.connect(settings, log, builder.STEP_TOOLS["build_sif"]) as connection:
         paths = builder.remote_paths(connection.workdir, name, sha)
         digest = finished_remote_sif(connection, paths)
         if digest is None:
