@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-import jupyter
+import jupyter_launch as jupyter
 import slurm
 from conftest import PROJECT
 from jupyter_client import api, execute

@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from jupyter import server_command
+from jupyter_launch import server_command
 from runtime import choose_compression, compression_arguments
 from steps import StepError, run_logged, write_json_atomic
 

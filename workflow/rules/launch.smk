@@ -1,7 +1,7 @@
 import os
 import time
 
-import jupyter
+import jupyter_launch
 
 # `servers` and `stop` have no outputs; Snakemake counts a log as one, so a fixed log name would
 # make every later call "nothing to be done": each call gets its own
@@ -29,11 +29,11 @@ rule launch_jupyter:
         writable=settings.launch_writable,
         idle_timeout=config["idle_timeout"],
         launch_on=config["launch_on"],
-        slurm=jupyter.slurm_settings(config),
+        slurm=jupyter_launch.slurm_settings(config),
         runtime_args=config["launch_runtime_args"],
         binds=config["launch_binds"],
     script:
-        f"{SCRIPTS}/jupyter.py"
+        f"{SCRIPTS}/jupyter_launch.py"
 
 
 rule launch:
@@ -50,7 +50,7 @@ rule servers:
     params:
         results=RESULTS,
     script:
-        f"{SCRIPTS}/jupyter.py"
+        f"{SCRIPTS}/jupyter_launch.py"
 
 
 rule stop:
@@ -63,7 +63,7 @@ rule stop:
         names=list(settings.builds),
         results=RESULTS,
     script:
-        f"{SCRIPTS}/jupyter.py"
+        f"{SCRIPTS}/jupyter_launch.py"
 
 
 onsuccess:
@@ -72,6 +72,6 @@ onsuccess:
         for build in get_resolved_builds():
             connection_file = Path(RESULTS, build.name, build.sha, "launch.json")
             if connection_file.exists():
-                print(jupyter.connection_message(connection_file))
+                print(jupyter_launch.connection_message(connection_file))
     if write_run_summary():
         fail("some images of the manifest failed; see results/summary.md")

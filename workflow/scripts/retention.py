@@ -7,6 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import slurm
 from runtime import make_removable
 from steps import process_alive
 
@@ -18,7 +19,10 @@ def in_use(folder):
     if not connection_file.exists():
         return False
     try:
-        return process_alive(json.loads(connection_file.read_text())["pid"])
+        connection = json.loads(connection_file.read_text())
+        if connection.get("slurm_job_id"):
+            return slurm.is_active(slurm.job_state(connection["slurm_job_id"])[0])
+        return process_alive(connection["pid"])
     except (ValueError, KeyError, OSError):
         return True  # unreadable: keep it rather than guess
 

@@ -539,7 +539,7 @@ def report_servers(results, log):
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["serve"]:
-    # the Slurm job script: jupyter.py serve NODE_FILE -- COMMAND...
+    # the Slurm job script: jupyter_launch.py serve NODE_FILE -- COMMAND...
     serve(sys.argv[2], sys.argv[4:])
 elif "snakemake" in globals() and snakemake.rule == "stop":
     from steps import main
