@@ -71,6 +71,9 @@ def test_image_receipt_check_names_the_rule_to_rerun():
     builder.check_image_receipt(receipt, receipt["image_id"], settings, "image.json")
     with pytest.raises(StepError, match="--forcerun build_image"):
         builder.check_image_receipt(receipt, None, settings, "image.json")
+    local = {**receipt, "builder": None}
+    with pytest.raises(StepError, match=r"\(built locally\); rebuild it with: snakemake --forcerun build_image"):
+        builder.check_image_receipt(local, "sha256:other", settings, "image.json")
 
 
 def test_resume_offset():

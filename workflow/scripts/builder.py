@@ -157,11 +157,12 @@ def check_tarball_receipt(receipt, found, receipt_path):
 
 def check_image_receipt(receipt, found_id, builder, receipt_path):
     if found_id != receipt["image_id"]:
-        where = receipt.get("builder", {}).get("host", "the builder")
+        # a receipt written by a local build, or by another builder, names an image this one never had
+        where = (receipt.get("builder") or {}).get("host")
+        origin = "" if where == builder.host else f" (built {f'on {where}' if where else 'locally'})"
         raise StepError(
-            f"builder {builder.host} no longer has image {receipt['tag']} ({receipt['image_id'][:19]}) named in "
-            f"{receipt_path}{'' if where == builder.host else f' (built on {where})'}; "
-            "rebuild it with: snakemake --forcerun build_image"
+            f"builder {builder.host} does not have image {receipt['tag']} ({receipt['image_id'][:19]}) named in "
+            f"{receipt_path}{origin}; rebuild it with: snakemake --forcerun build_image"
         )
 
 
