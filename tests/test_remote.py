@@ -480,3 +480,10 @@ def test_trusting_an_unknown_host_records_its_key(lab, tmp_path):
     config["builder"]["trust_unknown_host"] = False
     with builder.Builder(builder.settings_from_config(config)):
         pass  # known now: no trust needed
+
+
+@pytest.mark.integration
+def test_builder_without_enough_space(lab):
+    # more free space than any disk has: the preflight's df check must refuse, in one line
+    line = expect_one_line_failure(lab, "disk-full", "GB free in", min_free_gb=10**9)
+    assert "min_free_gb: 1000000000" in line
