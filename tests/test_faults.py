@@ -213,7 +213,9 @@ def test_docker_engine_gone_mid_build_is_a_clear_error_and_the_rerun_works(tmp_p
     relay = DockerSocketRelay(socket_path)
     env = {**os.environ, "DOCKER_HOST": f"unix://{socket_path}"}
     # a build step that takes a while, so the engine can go away in the middle of it
-    repo.commit("slow build", {"Dockerfile": "FROM debian:bookworm\nRUN sleep 20 && echo faults > /faults\n"})
+    # (a fresh word in the RUN line, so Docker's build cache cannot skip it)
+    fresh = os.urandom(8).hex()
+    repo.commit("slow build", {"Dockerfile": f"FROM debian:bookworm\nRUN sleep 20 && echo {fresh} > /faults\n"})
     sha = repo.head()
     folder = tmp_path / "results" / "faults" / sha
     command = [SNAKEMAKE, "--snakefile", str(PROJECT / "Snakefile"), "--directory", str(tmp_path), "--cores", "2", "build"]
