@@ -487,3 +487,35 @@ def test_builder_without_enough_space(lab):
     # more free space than any disk has: the preflight's df check must refuse, in one line
     line = expect_one_line_failure(lab, "disk-full", "GB free in", min_free_gb=10**9)
     assert "min_free_gb: 1000000000" in line
+
+
+@pytest.mark.integration
+def test_connection_dropped_during_the_remote_build_is_one_line_and_the_rerun_completes(lab, tmp_path):
+    workdir = tmp_path / "dropped"
+    configfile = builder_config(lab, workdir)
+    repo = GitRepo(tmp_path / "slow-repo", branch="main")
+    # a build step that takes a while (a fresh word, so Docker's cache cannot skip it)
+    repo.commit("slow", {"Dockerfile": f"FROM debian:bookworm\nRUN sleep 15 && echo {os.urandom(8).hex()} > /slow\n"})
+    sha = repo.head()
+    folder = folder_of(workdir, sha)
+    config = {"repo": repo.path, "ref": "main", "name": NAME}
+    command = [SNAKEMAKE, "--snakefile", str(PROJECT / "Snakefile"), "--directory", str(workdir), "--cores", "2", "build",
+               "--configfile", str(configfile), "--config", f"repo={repo.path}", "ref=main", f"name={NAME}"]
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    build_log = folder / "logs" / "build_image.log"
+    deadline = time.monotonic() + 600
+    while "sleep 15" not in (build_log.read_text() if build_log.exists() else ""):
+        assert run.poll() is None, f"the run ended before the build:\n{run.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    lab["sshd"].cut_sessions()
+    _, stderr = run.communicate(timeout=300)
+    assert run.returncode != 0
+    assert "Traceback" not in stderr
+    assert "the connection to builder" in stderr
+    assert not (folder / "image.json").exists()
+
+    snakemake(workdir, "--unlock", "--configfile", configfile, config=config)
+    snakemake(workdir, "build", "--configfile", configfile, config=config)
+    sif = folder / f"{NAME}.sif"
+    assert sha256sum(sif) == (folder / f"{NAME}.sif.sha256").read_text().split()[0]
