@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import slurm
-from steps import StepError, tail, write_json_atomic, write_text_atomic
+from steps import StepError, process_alive, tail, write_json_atomic, write_text_atomic
 
 HOST = "127.0.0.1"
 POLL_SECONDS = 0.5
@@ -393,16 +393,6 @@ def serve(node_file, command):
     port = free_port(host)
     write_json_atomic(node_file, {"node": socket.gethostname(), "host": host, "port": port}, mode=OWNER_ONLY)
     os.execvp(command[0], [*command, f"--ip={host}", f"--port={port}"])
-
-
-def process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def stop_process_group(pgid, wait=STOP_WAIT_SECONDS):
