@@ -53,3 +53,31 @@ def test_failing_tool_is_one_line_naming_the_log(tmp_path):
     assert "boom" in log.read_text()
     with pytest.raises(StepError, match="no-such-tool not found"):
         run_logged(["no-such-tool"], log, "step")
+
+
+def test_sigterm_while_a_tool_starts_is_held_until_the_tool_can_be_stopped(tmp_path):
+    import signal
+    import time
+
+    import steps
+
+    previous = signal.signal(signal.SIGTERM, steps.stop_on_signal)
+    try:
+        with steps.signals_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)  # the handler runs here, and only records the signal
+        with pytest.raises(SystemExit):
+            steps.raise_deferred_signal()
+        steps.raise_deferred_signal()  # nothing left pending
+        started = time.monotonic()
+        marker = tmp_path / "still-running"
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+        with pytest.raises(SystemExit):
+            run_logged(["sh", "-c", f"sleep 5; touch {marker}"], tmp_path / "log", "step")
+        assert time.monotonic() - started < 4
+        time.sleep(5)
+        assert not marker.exists(), "the tool outlived its stopped step"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)

@@ -1,6 +1,7 @@
 """What every step shares: run a host tool with its output in the step's log and a heartbeat
 on the terminal, and write outputs so that a killed step leaves nothing that looks finished."""
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -97,28 +98,32 @@ def run_logged(command, log_path, step, env=None, cwd=None):
     with open(log_path, "ab") as log:
         log.write(f"$ {' '.join(command)}\n".encode())
         log.flush()
-        try:
-            process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=cwd,
-                start_new_session=True,
-                preexec_fn=end_with_parent,
-            )
-        except FileNotFoundError:
-            raise StepError(f"{command[0]} not found; is it installed and on PATH? (bash setup.sh check)") from None
-        finished = threading.Event()
+        # a SIGTERM while the tool is being started would leave it running unseen: hold it back
+        # until the tool is ours to stop
+        with signals_deferred():
+            try:
+                process = subprocess.Popen(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=cwd,
+                    start_new_session=True,
+                    preexec_fn=end_with_parent,
+                )
+            except FileNotFoundError:
+                raise StepError(f"{command[0]} not found; is it installed and on PATH? (bash setup.sh check)") from None
+            finished = threading.Event()
 
-        def heartbeat():
-            while not finished.wait(HEARTBEAT_SECONDS):
-                elapsed = int(time.monotonic() - started)
-                print(f"  {step}: still running after {elapsed} s (log: {log_path})", file=sys.stderr, flush=True)
+            def heartbeat():
+                while not finished.wait(HEARTBEAT_SECONDS):
+                    elapsed = int(time.monotonic() - started)
+                    print(f"  {step}: still running after {elapsed} s (log: {log_path})", file=sys.stderr, flush=True)
 
-        threading.Thread(target=heartbeat, daemon=True).start()
+            threading.Thread(target=heartbeat, daemon=True).start()
         try:
+            raise_deferred_signal()
             returncode = process.wait()
         except BaseException:
             stop_session(process)
@@ -174,8 +179,29 @@ def sha256_file(path, chunk_size=4 << 20):
     return digest.hexdigest()
 
 
+DEFERRED = {"active": False, "signal": None}
+
+
 def stop_on_signal(signum, frame):
+    if DEFERRED["active"]:
+        DEFERRED["signal"] = signum
+        return
     raise SystemExit(f"stopped by signal {signum}")
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    DEFERRED["active"] = True
+    try:
+        yield
+    finally:
+        DEFERRED["active"] = False
+
+
+def raise_deferred_signal():
+    signum, DEFERRED["signal"] = DEFERRED["signal"], None
+    if signum is not None:
+        raise SystemExit(f"stopped by signal {signum}")
 
 
 def main(step, function):
