@@ -13,12 +13,11 @@ import posixpath
 import shlex
 import socket
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from steps import HEARTBEAT_SECONDS, StepError, tail, write_json_atomic
+from steps import StepError, start_heartbeat, tail, write_json_atomic
 
 DEFAULTS = {
     "port": 22,
@@ -446,14 +445,7 @@ class Builder:
         """Run a remote command line with its output streamed live into `log_path`, a heartbeat
         on the terminal, and StepError naming the log when it fails."""
         started = time.monotonic()
-        finished = threading.Event()
-
-        def heartbeat():
-            while not finished.wait(HEARTBEAT_SECONDS):
-                elapsed = int(time.monotonic() - started)
-                print(f"  {step}: still running on {self.settings.host} after {elapsed} s (log: {log_path})", file=sys.stderr, flush=True)
-
-        threading.Thread(target=heartbeat, daemon=True).start()
+        finished = start_heartbeat(step, log_path, where=f" on {self.settings.host}")
         pgid = None
         try:
             with open(log_path, "ab") as log, self.guard(step):

@@ -91,6 +91,20 @@ def tail(path, lines=5):
     return "\n".join(line for line in text.splitlines()[-lines:])
 
 
+def start_heartbeat(step, log_path, where=""):
+    """Print a progress line every HEARTBEAT_SECONDS until the returned event is set."""
+    started = time.monotonic()
+    finished = threading.Event()
+
+    def heartbeat():
+        while not finished.wait(HEARTBEAT_SECONDS):
+            elapsed = int(time.monotonic() - started)
+            print(f"  {step}: still running{where} after {elapsed} s (log: {log_path})", file=sys.stderr, flush=True)
+
+    threading.Thread(target=heartbeat, daemon=True).start()
+    return finished
+
+
 def run_logged(command, log_path, step, env=None, cwd=None):
     """Run `command` (a list) with its output appended to `log_path`; print a progress line
     every HEARTBEAT_SECONDS; raise StepError naming the log when it fails."""
@@ -114,14 +128,7 @@ def run_logged(command, log_path, step, env=None, cwd=None):
                 )
             except FileNotFoundError:
                 raise StepError(f"{command[0]} not found; is it installed and on PATH? (bash setup.sh check)") from None
-            finished = threading.Event()
-
-            def heartbeat():
-                while not finished.wait(HEARTBEAT_SECONDS):
-                    elapsed = int(time.monotonic() - started)
-                    print(f"  {step}: still running after {elapsed} s (log: {log_path})", file=sys.stderr, flush=True)
-
-            threading.Thread(target=heartbeat, daemon=True).start()
+            finished = start_heartbeat(step, log_path)
         try:
             raise_deferred_signal()
             returncode = process.wait()
