@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def test_settings_default_to_local_and_fill_defaults():
     settings = builder.settings_from_config({"builder": {"host": "b.example.org", "port": "2222", "trust_unknown_host": "false"}})
     assert (settings.port, settings.trust_unknown_host, settings.workdir) == (2222, False, "~/.cache/repo2singularity")
     assert settings.describe() == {"host": "b.example.org", "port": 2222, "user": settings.login}
-    for bad in ({"host": "-oProxyCommand=x"}, {"host": "a b"}, {"host": "h", "port": 70000}, "elsewhere"):
+    for bad in ({"host": "-oProxyCommand=x"}, {"host": "a b"}, {"host": "h", "port": 70000}, {"host": "h", "max_builds": "0"}, "elsewhere"):
         with pytest.raises(builder.InvalidBuilder):
             builder.settings_from_config({"builder": bad})
 
@@ -87,6 +88,19 @@ def test_resume_offset():
     assert builder.resume_offset(140, {"sha256": "ab", "size": 100}, 100, "ab") == 0
 
 
+def test_images_to_remove_keeps_the_newest():
+    listing = (
+        "2026-11-28 10:00:00 +0000 UTC\tr2s-x:aaa\n"
+        "2026-11-28 12:00:00 +0000 UTC\tr2s-x:ccc\n"
+        "2026-11-28 11:00:00 +0000 UTC\tr2s-x:bbb\n"
+        "2026-11-28 09:00:00 +0000 UTC\tr2s-x:<none>\n"
+    )
+    assert builder.images_to_remove(listing, "r2s-x:ccc", 2) == ["r2s-x:bbb", "r2s-x:aaa"][1:]
+    assert builder.images_to_remove(listing, "r2s-x:ccc", 1) == ["r2s-x:bbb", "r2s-x:aaa"]
+    assert builder.images_to_remove(listing, "r2s-x:ccc", 5) == []
+    assert builder.images_to_remove("", "r2s-x:ccc", 1) == []
+
+
 def test_preflight_problems_are_one_line_each():
     settings = builder.BuilderSettings(host="b", min_free_gb=5)
     df = "Filesystem 1024-blocks Used Available Capacity Mounted on\n/dev/x 100 50 {} 50% /"
@@ -95,6 +109,7 @@ def test_preflight_problems_are_one_line_each():
         "buildx": (0, "github.com/docker/buildx 0.13.1"),
         "repo2docker": (0, "2026.4.0"),
         "runtime": (0, "1.4.5"),
+        "flock": (0, "flock from util-linux 2.38.1"),
         "space": (0, df.format(9_000_000)),
     }
     assert builder.preflight_problems(settings, "/w", good) == []
@@ -106,6 +121,7 @@ def test_preflight_problems_are_one_line_each():
         "docker": ((127, "sh: 1: docker: not found"), "docker is not installed"),
         "buildx": ((1, "docker: 'buildx' is not a docker command."), "docker buildx is missing"),
         "space": ((0, df.format(1_000_000)), "only 1.0 GB free in /w"),
+        "flock": ((127, "sh: 1: flock: not found"), "max_builds needs it"),
     }
     for check, (value, expected) in cases.items():
         problems = builder.preflight_problems(settings, "/w", {**good, check: value})
@@ -288,7 +304,8 @@ def sha256sum(path):
 @pytest.fixture(scope="module")
 def remote_build(lab):
     workdir = lab["base"] / "remote"
-    configfile = builder_config(lab, workdir)
+    # one image per name stays on the builder: the next commit's build removes this one
+    configfile = builder_config(lab, workdir, keep_images=1)
     before = lab["sshd"].connections()
     result = snakemake(workdir, "build", "--configfile", configfile, config=run_config(lab))
     return workdir, configfile, lab["repo"].head(), result, lab["sshd"].connections() - before
@@ -332,6 +349,7 @@ def test_second_run_makes_no_ssh_connection(lab, remote_build):
 @pytest.mark.integration
 def test_cut_download_resumes_and_verifies(lab, remote_build):
     workdir, configfile, *_ = remote_build
+    first_tag = json.loads((folder_of(workdir, lab["repo"].head()) / "image.json").read_text())["tag"]
     sha = lab["repo"].commit("second", {"notes.md": "a second commit\n"})
     folder = folder_of(workdir, sha)
     partial = folder / f".{NAME}.sif.partial"
@@ -364,6 +382,11 @@ def test_cut_download_resumes_and_verifies(lab, remote_build):
     sif = folder / f"{NAME}.sif"
     assert sha256sum(sif) == (folder / f"{NAME}.sif.sha256").read_text().split()[0]
     assert not partial.exists()
+    # keep_images: 1, so the builder removed the first commit's image after building this one
+    second_tag = json.loads((folder / "image.json").read_text())["tag"]
+    assert subprocess.run(["docker", "image", "inspect", second_tag], capture_output=True).returncode == 0
+    assert subprocess.run(["docker", "image", "inspect", first_tag], capture_output=True).returncode != 0
+    assert f"removed older images of {first_tag.split(':')[0]}" in (folder / "logs" / "build_image.log").read_text()
 
 
 def expect_one_line_failure(lab, name, expected, **overrides):
@@ -443,8 +466,10 @@ def processes_running(needle):
 
 
 @pytest.mark.integration
-def test_a_cancelled_step_stops_its_command_on_the_builder(lab, tmp_path):
-    """Snakemake cancels a job with SIGTERM: the command on the builder must end with it."""
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["cancelled", "killed"])
+def test_a_stopped_step_stops_its_command_on_the_builder(lab, tmp_path, how):
+    """Snakemake cancels a job with SIGTERM; SIGKILL leaves the step no time to say anything, and
+    the builder only sees the connection drop. Either way the command there must end with it."""
     settings = builder.settings_from_config(yaml.safe_load(builder_config(lab, tmp_path).read_text()))
     script = tmp_path / "step.py"
     script.write_text(
@@ -462,12 +487,41 @@ def test_a_cancelled_step_stops_its_command_on_the_builder(lab, tmp_path):
         assert step.poll() is None, step.stderr.read()
         assert time.monotonic() < deadline, "the remote command did not start"
         time.sleep(0.1)
-    step.send_signal(signal.SIGTERM)
+    step.send_signal(how)
     step.wait(timeout=30)
     deadline = time.monotonic() + 10
     while processes_running(b"sleep 321.5"):
         assert time.monotonic() < deadline, "the command on the builder outlived its cancelled step"
         time.sleep(0.1)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("max_builds", [1, 2])
+def test_the_builder_runs_at_most_max_builds_at_once(lab, tmp_path, max_builds):
+    """Two steps, each on a connection of its own as two runs would be, start a build at once."""
+    settings = builder.settings_from_config(yaml.safe_load(builder_config(lab, tmp_path, max_builds=max_builds).read_text()))
+    spans = {}
+
+    def build(number):
+        log = tmp_path / f"build-{number}.log"
+        with builder.Builder(settings, log) as connection:
+            slots = builder.remote_paths(connection.workdir, NAME, "slots")["build_slots"]
+            command = builder.remote_command(["date", "+%s.%N"], ["sleep", "2"], ["date", "+%s.%N"])
+            connection.run_logged(builder.with_build_slot(command, slots, settings.max_builds), log, f"build {number}")
+        lines = log.read_text().splitlines()
+        spans[number] = [float(line) for line in lines if line[:1].isdigit()], any(line.startswith("waiting for a build slot") for line in lines)
+
+    threads = [threading.Thread(target=build, args=(number,)) for number in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    (first, first_waited), (second, second_waited) = sorted(spans.values())
+    overlapped = second[0] < first[1]
+    if max_builds == 1:
+        assert not overlapped and (first_waited or second_waited)
+    else:
+        assert overlapped and not (first_waited or second_waited)
 
 
 @pytest.mark.integration
@@ -508,12 +562,19 @@ def test_connection_dropped_during_the_remote_build_is_one_line_and_the_rerun_co
         assert run.poll() is None, f"the run ended before the build:\n{run.stderr.read()[-3000:]}"
         assert time.monotonic() < deadline
         time.sleep(0.1)
+    building = f"{NAME}:{sha}".encode()
+    assert processes_running(building), "repo2docker should be running on the builder"
     lab["sshd"].cut_sessions()
     _, stderr = run.communicate(timeout=300)
     assert run.returncode != 0
     assert "Traceback" not in stderr
     assert "the connection to builder" in stderr
     assert not (folder / "image.json").exists()
+    # the builder saw its connection drop: the build there must not run on for nobody
+    deadline = time.monotonic() + 20
+    while processes_running(building):
+        assert time.monotonic() < deadline, "repo2docker outlived the dropped connection on the builder"
+        time.sleep(0.2)
 
     snakemake(workdir, "--unlock", "--configfile", configfile, config=config)
     snakemake(workdir, "build", "--configfile", configfile, config=config)

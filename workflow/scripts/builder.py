@@ -29,6 +29,7 @@ DEFAULTS = {
     "runtime": "apptainer",
     "repo2docker": "repo2docker",
     "max_builds": 1,
+    "keep_images": 2,
     "min_free_gb": 5,
 }
 CONNECT_TIMEOUT_SECONDS = 15
@@ -61,6 +62,7 @@ class BuilderSettings:
     runtime: str = "apptainer"
     repo2docker: str = "repo2docker"
     max_builds: int = 1
+    keep_images: int = 2
     min_free_gb: float = 5
 
     @property
@@ -96,11 +98,16 @@ def settings_from_config(config):
     try:
         port = int(values["port"])
         max_builds = int(values["max_builds"])
+        keep_images = int(values["keep_images"])
         min_free_gb = float(values["min_free_gb"])
     except (TypeError, ValueError) as error:
         raise InvalidBuilder(f"builder setting is not a number: {error}") from None
     if not 0 < port < 65536:
         raise InvalidBuilder(f"builder port out of range: {port}")
+    if max_builds < 1:
+        raise InvalidBuilder(f"builder max_builds must be at least 1, not {max_builds}")
+    if keep_images < 1:
+        raise InvalidBuilder(f"builder keep_images must be at least 1 (the image just built), not {keep_images}")
     return BuilderSettings(
         host=host,
         port=port,
@@ -112,6 +119,7 @@ def settings_from_config(config):
         runtime=str(values["runtime"]),
         repo2docker=str(values["repo2docker"]),
         max_builds=max_builds,
+        keep_images=keep_images,
         min_free_gb=min_free_gb,
     )
 
@@ -122,15 +130,41 @@ def remote_command(*commands):
     return " && ".join(shlex.join(str(arg) for arg in command) for command in commands)
 
 
+SLOT_WAIT_SECONDS = 2
+
+
+def with_build_slot(command, slots_folder, max_builds):
+    """`command` run once it holds one of `max_builds` slots on the builder: a flock on
+    `{slots_folder}/{n}`, held by the shell and its children (fd 4) and released when they end,
+    however they end. The limit so holds across runs, and for everyone sharing the work folder."""
+    folder = shlex.quote(slots_folder)
+    return (
+        f"mkdir -p -- {folder} && waited= && while :; do "
+        f"for slot in $(seq 1 {int(max_builds)}); do exec 4>{folder}/\"$slot\" && flock -n 4 && break 2; done; "
+        f"[ -n \"$waited\" ] || echo \"waiting for a build slot on the builder (max_builds: {int(max_builds)}, all in use)\"; "
+        f"waited=1; sleep {SLOT_WAIT_SECONDS}; done && "
+        f"echo \"build slot $slot of {int(max_builds)}\" && {command}"
+    )
+
+
+def images_to_remove(listing, current_tag, keep):
+    """Older images of one name beyond the newest `keep` (the one just built counts among
+    them). `listing`: `docker image ls --format '{{.CreatedAt}}\t{{.Repository}}:{{.Tag}}'`
+    lines; CreatedAt is the same zone for all, so it sorts as text."""
+    images = sorted((line.split("\t", 1) for line in listing.splitlines() if "\t" in line), reverse=True)
+    tags = [tag for _, tag in images if tag != current_tag and not tag.endswith(":<none>")]
+    return tags[max(keep - 1, 0) :]
+
+
 def remote_paths(workdir, name, sha):
     folder = posixpath.join(workdir, name, sha)
     return {
         "folder": folder,
-        "source_tar": posixpath.join(folder, "source.tar"),
         "source": posixpath.join(folder, "source"),
         "tarball": posixpath.join(folder, "image.tar"),
         "sif": posixpath.join(folder, f"{name}.sif"),
         "checksum": posixpath.join(folder, f"{name}.sif.sha256"),
+        "build_slots": posixpath.join(workdir, ".build-slots"),
     }
 
 
@@ -204,7 +238,7 @@ def last_line(text, default=""):
     return lines[-1] if lines else default
 
 
-TOOLS = ("docker", "buildx", "repo2docker", "runtime")
+TOOLS = ("docker", "buildx", "repo2docker", "runtime", "flock")
 # what each builder step needs: a step checks its own tools, so a rerun that starts at a later
 # step is still checked first, and the cheap steps do not wait for repo2docker to start
 STEP_TOOLS = {"build_image": TOOLS, "save_image": ("docker",), "build_sif": ("runtime",)}
@@ -231,6 +265,9 @@ def preflight_problems(settings, workdir, checks, needs=TOOLS):
     rc, text = checks.get("runtime", (127, ""))
     if "runtime" in needs and rc != 0:
         problems.append(f"{where}: {settings.runtime} does not run: {last_line(text, 'not found')}")
+    rc, text = checks.get("flock", (127, ""))
+    if "flock" in needs and rc != 0:
+        problems.append(f"{where}: flock (util-linux) does not run, and max_builds needs it: {last_line(text, 'not found')}")
     rc, text = checks.get("space", (1, ""))
     free_kb = parse_df(text) if rc == 0 else None
     if free_kb is None:
@@ -257,6 +294,7 @@ def preflight_script(settings, workdir, needs=TOOLS):
         ("buildx", ["docker", "buildx", "version"]),
         ("repo2docker", [settings.repo2docker, "--version"]),
         ("runtime", [settings.runtime, "version"]),
+        ("flock", ["flock", "--version"]),
     ]
     parts = [
         f"printf '@@check %s\\n' {name}; {shlex.join(command)} 2>&1; printf '@@rc %s\\n' $?"
@@ -348,6 +386,19 @@ def prefer_gcm(sock, **kwargs):
 
 
 PGID_MARK = "@@r2s-pgid "
+
+
+def watched_command(command):
+    """`command` wrapped so that it ends with the SSH connection. sshd starts each command in a
+    session of its own, so the shell's pid names the process group: printed first, it lets a
+    cancelled step stop the group. A connection that drops (the step killed outright, the
+    network gone) closes the command's stdin, which a watcher reads (fd 3, since a background
+    job's own stdin is /dev/null) to stop the group then; without a pty, nothing else would."""
+    return (
+        f"printf '{PGID_MARK}%s\\n' \"$$\"; exec 3<&0 </dev/null; "
+        "{ while read -r _ <&3; do :; done; kill -TERM 0; } >/dev/null 2>&1 & watcher=$!; "
+        f"{{ {command}\n}}; status=$?; kill \"$watcher\" 2>/dev/null; exit \"$status\""
+    )
 
 
 def parse_pgid(line):
@@ -453,10 +504,8 @@ class Builder:
                 log.flush()
                 channel = self.client.get_transport().open_session()
                 channel.set_combine_stderr(True)
-                # sshd starts each command in a session of its own: its shell's pid names the
-                # process group to stop when this step is cancelled
-                channel.exec_command(f"printf '{PGID_MARK}%s\\n' \"$$\"; {command}")
-                channel.shutdown_write()
+                # stdin stays open and unused: the builder's side ends the command when it closes
+                channel.exec_command(watched_command(command))
                 pending = b""
                 while True:
                     data = channel.recv(32768)
@@ -508,19 +557,33 @@ class Builder:
             return None
         return out.split()[0]
 
-    def upload_tar(self, folder, remote_path):
-        """Pack a local folder into a tar file on the builder, streamed (no local copy), under a
-        temporary name renamed when complete."""
+    def send_folder(self, folder, remote_folder):
+        """Put a copy of a local folder at `remote_folder` on the builder (replacing what is
+        there): packed as a tar stream straight into `tar -x` there, with no file on either side.
+        A cut stream makes tar fail, and the next run starts the folder over."""
         import tarfile
 
-        partial = remote_path + ".partial"
         with self.guard(f"sending {folder}"):
-            sftp = self.sftp()
-            with sftp.open(partial, "wb") as handle:
-                handle.set_pipelined(True)
-                with tarfile.open(fileobj=handle, mode="w|", format=tarfile.PAX_FORMAT) as archive:
+            channel = self.client.get_transport().open_session()
+            channel.set_combine_stderr(True)
+            channel.exec_command(
+                remote_command(["rm", "-rf", "--", remote_folder], ["mkdir", "-p", "--", remote_folder], ["tar", "-x", "-f", "-", "-C", remote_folder])
+            )
+            try:
+                with tarfile.open(fileobj=ChannelWriter(channel), mode="w|", format=tarfile.PAX_FORMAT) as archive:
                     archive.add(str(folder), arcname=".")
-            sftp.posix_rename(partial, remote_path)
+                channel.shutdown_write()
+            except OSError:
+                if not channel.exit_status_ready():
+                    raise
+                # tar there stopped reading (disk full, say): its own words follow
+            output = b""
+            while data := channel.recv(32768):
+                output += data[: 65536 - len(output)]
+            status = channel.recv_exit_status()
+        if status != 0:
+            output = output.decode("utf-8", "replace")
+            raise StepError(f"builder {self.settings.display}: unpacking the source in {remote_folder} failed: {last_line(output, f'exit status {status}')}")
 
     def download(self, remote_path, local_path, remote_sha256, before_rename=None):
         """Bring a remote file to `local_path`: into a dot-partial file beside it, resumed from
@@ -554,12 +617,15 @@ class Builder:
         last_report = started
         done = offset
         with self.guard(f"downloading {remote_path}"):
-            with self.sftp().open(remote_path, "rb") as source, open(partial, "r+b" if offset else "wb") as target:
-                source.seek(offset)
+            # a plain stream on an exec channel, not SFTP: SFTP's request per 32 KB costs paramiko
+            # half its throughput (bench/remote.py); `tail -c +N` seeks, so resuming reads no more
+            channel = self.client.get_transport().open_session()
+            channel.exec_command(remote_command(["tail", "-c", f"+{offset + 1}", "--", remote_path]))
+            channel.shutdown_write()
+            with open(partial, "r+b" if offset else "wb") as target:
                 target.seek(offset)
-                source.prefetch(size)
-                while done < size:
-                    chunk = source.read(min(CHUNK, size - done))
+                while True:
+                    chunk = channel.recv(CHUNK)
                     if not chunk:
                         break
                     target.write(chunk)
@@ -581,6 +647,15 @@ class Builder:
                         last_report = now
                 target.flush()
                 os.fsync(target.fileno())
+            status = channel.recv_exit_status()
+            error = channel.recv_stderr(4096).decode("utf-8", "replace")
+        if status == -1:  # the channel closed without an exit status: the connection is gone
+            raise StepError(
+                f"the connection to builder {self.settings.display} failed while downloading {remote_path} "
+                f"at {done / 1e6:.1f} of {size / 1e6:.1f} MB; run again to resume"
+            )
+        if status != 0:
+            raise StepError(f"builder {self.settings.host} could not send {remote_path}: {last_line(error, f'exit status {status}')}")
         if done != size:
             raise StepError(f"download of {remote_path} ended at {done} of {size} bytes; run again to resume")
         if digest.hexdigest() != remote_sha256:
@@ -596,6 +671,17 @@ class Builder:
         line = f"  download {local_path.name}: done, {(size - offset) / 1e6:.1f} MB in {elapsed:.1f} s, sha256 verified"
         print(line, file=sys.stderr, flush=True)
         self.log(line)
+
+
+class ChannelWriter:
+    """The write end of an exec channel as a file, for tarfile's stream mode."""
+
+    def __init__(self, channel):
+        self.channel = channel
+
+    def write(self, data):
+        self.channel.sendall(data)
+        return len(data)
 
 
 class ConnectionGuard:

@@ -159,26 +159,18 @@ def remote_build_image(settings, name, sha, source, tag, labels, receipt, log, u
     arguments as a local build, and write the receipt here."""
     with builder.connect(settings, log, builder.STEP_TOOLS["build_image"]) as connection:
         paths = builder.remote_paths(connection.workdir, name, sha)
-        connection.check_output(builder.remote_command(["mkdir", "-p", "--", paths["folder"]]), "creating the work folder")
-        connection.log(f"sending {source} to {paths['source_tar']}")
-        connection.upload_tar(source, paths["source_tar"])
-        connection.check_output(
-            builder.remote_command(
-                ["rm", "-rf", "--", paths["source"]],
-                ["mkdir", "--", paths["source"]],
-                ["tar", "-xf", paths["source_tar"], "-C", paths["source"]],
-                ["rm", "-f", "--", paths["source_tar"]],
-            ),
-            "unpacking the source",
-        )
+        connection.log(f"sending {source} to {paths['source']}")
+        connection.send_folder(source, paths["source"])
         command = repo2docker_command(paths["source"], tag, labels, user_name, user_id or default_user_id(), subdir, extra_args)
         command[0] = settings.repo2docker
-        remote_docker_step(connection, builder.remote_command(command), log, "build_image (repo2docker)")
+        build = builder.with_build_slot(builder.remote_command(command), paths["build_slots"], settings.max_builds)
+        remote_docker_step(connection, build, log, "build_image (repo2docker)")
         details = remote_inspect_image(connection, tag)
         if details is None:
             raise StepError(f"repo2docker finished but Docker on builder {settings.host} has no image {tag}")
         # the image holds everything now; the unpacked source is not needed on the builder
         connection.capture(builder.remote_command(["rm", "-rf", "--", paths["source"]]))
+        remove_old_remote_images(connection, tag, settings.keep_images)
         config = details.get("Config") or {}
         write_json_atomic(
             receipt,
@@ -194,6 +186,21 @@ def remote_build_image(settings, name, sha, source, tag, labels, receipt, log, u
                 "builder": settings.describe(),
             },
         )
+
+
+def remove_old_remote_images(connection, tag, keep):
+    """The builder keeps the newest `keep` images of this name; an image that cannot go (a
+    container uses it) stays, and the log says so."""
+    repository = tag.rsplit(":", 1)[0]
+    status, listing, _ = connection.capture(
+        builder.remote_command(["docker", "image", "ls", "--format", "{{.CreatedAt}}\t{{.Repository}}:{{.Tag}}", "--", repository])
+    )
+    old = builder.images_to_remove(listing, tag, keep) if status == 0 else []
+    if old:
+        status, out, err = connection.capture(builder.remote_command(["docker", "image", "rm", "--", *old]))
+        connection.log(f"removed older images of {repository} on the builder (keep_images: {keep}): {' '.join(old)}")
+        if status != 0:
+            connection.log(f"  some stay: {builder.last_line(err or out)}")
 
 
 def remote_save_image(settings, name, sha, receipt, tarball_receipt, log):
