@@ -389,6 +389,41 @@ def test_cut_download_resumes_and_verifies(lab, remote_build):
     assert f"removed older images of {first_tag.split(':')[0]}" in (folder / "logs" / "build_image.log").read_text()
 
 
+@pytest.mark.integration
+def test_build_sif_checks_the_saved_image_against_its_receipt(lab, tmp_path):
+    workdir = tmp_path / "receipt"
+    configfile = builder_config(lab, workdir)
+    repo = GitRepo(tmp_path / "receipt-repo", branch="main")
+    repo.commit("first", {"Dockerfile": "FROM debian:bookworm\nRUN head -c 24000000 /dev/urandom > /blob\n"})
+    sha = repo.head()
+    config = {"repo": repo.path, "ref": "main", "name": NAME}
+    folder = folder_of(workdir, sha)
+    receipt_path = folder / "image.tar.receipt.json"
+    snakemake(workdir, str(receipt_path.relative_to(workdir)), "--configfile", configfile, config=config)
+    tarball = Path(json.loads(receipt_path.read_text())["path"])
+
+    # changed in place, same size: only the digest, taken while the SIF is built, can tell
+    with open(tarball, "r+b") as handle:
+        handle.seek(tarball.stat().st_size // 2)
+        byte = handle.read(1)
+        handle.seek(-1, os.SEEK_CUR)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    changed = snakemake(workdir, "build", "--configfile", configfile, config=config, check=False)
+    assert changed.returncode != 0 and "Traceback" not in changed.stderr
+    assert "does not match its receipt" in changed.stderr and "snakemake --forcerun save_image" in changed.stderr
+    assert not (folder / f"{NAME}.sif").exists() and not (folder / f"{NAME}.sif.sha256").exists()
+    assert not (tarball.parent / f"{NAME}.sif").exists(), "a SIF from the changed tarball took its name on the builder"
+
+    tarball.unlink()
+    gone = snakemake(workdir, "build", "--configfile", configfile, config=config, check=False)
+    assert gone.returncode != 0 and "is gone from builder 127.0.0.1" in gone.stderr
+    assert "snakemake --forcerun save_image" in gone.stderr
+
+    # what the message says to do works
+    snakemake(workdir, "build", "--forcerun", "save_image", "--configfile", configfile, config=config)
+    assert sha256sum(folder / f"{NAME}.sif") == (folder / f"{NAME}.sif.sha256").read_text().split()[0]
+
+
 def expect_one_line_failure(lab, name, expected, **overrides):
     workdir = lab["base"] / f"fail-{name}"
     configfile = builder_config(lab, workdir, **overrides)

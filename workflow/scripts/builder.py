@@ -156,6 +156,18 @@ def images_to_remove(listing, current_tag, keep):
     return tags[max(keep - 1, 0) :]
 
 
+def checked_while(command, path, sha256, found_file):
+    """`command`, with `path`'s sha256 taken alongside it into `found_file`; succeeds only when
+    both did and the digest is `sha256`."""
+    found, expected = shlex.quote(found_file), shlex.quote(sha256)
+    return (
+        f"{{ sha256sum -- {shlex.quote(path)} >{found} 2>&1 & r2s_hasher=$!; }} && "
+        # a failed command still waits for the digest, which may be why it failed
+        f"{{ {{ {command}; }} || {{ wait \"$r2s_hasher\"; false; }}; }} && wait \"$r2s_hasher\" && "
+        f"read -r r2s_found _ <{found} && {{ [ \"$r2s_found\" = {expected} ] || {{ echo \"sha256 of {shlex.quote(path)[:200]}: $r2s_found, not {expected}\"; false; }}; }}"
+    )
+
+
 def remote_paths(workdir, name, sha):
     folder = posixpath.join(workdir, name, sha)
     return {
@@ -289,23 +301,27 @@ def parse_df(text):
 
 
 def preflight_script(settings, workdir, needs=TOOLS):
+    """One shell line that runs the checks `needs` names at once (each tool's start-up, such as
+    repo2docker's Python, is paid in parallel) and prints them in order between markers."""
     checks = [
         ("docker", ["docker", "version", "--format", "{{.Server.Version}}"]),
         ("buildx", ["docker", "buildx", "version"]),
         ("repo2docker", [settings.repo2docker, "--version"]),
         ("runtime", [settings.runtime, "version"]),
+        # which SIF compression the runtime can be told (runtime.choose_compression)
+        ("runtime_build_help", [settings.runtime, "build", "--help"]),
         ("flock", ["flock", "--version"]),
     ]
-    parts = [
-        f"printf '@@check %s\\n' {name}; {shlex.join(command)} 2>&1; printf '@@rc %s\\n' $?"
-        for name, command in checks
-        if name in needs
-    ]
-    parts.append(
-        "printf '@@check space\\n'; "
-        f"{remote_command(['mkdir', '-p', '--', workdir], ['df', '-Pk', '--', workdir])} 2>&1; printf '@@rc %s\\n' $?"
+    commands = [(name, shlex.join(command)) for name, command in checks if name.split("_")[0] in needs]
+    commands.append(("space", remote_command(["mkdir", "-p", "--", workdir], ["df", "-Pk", "--", workdir])))
+    started = " ".join(f'{{ {{ {command}; }} >"$r2s_checks/{name}" 2>&1; echo $? >"$r2s_checks/{name}.rc"; }} &' for name, command in commands)
+    names = " ".join(name for name, _ in commands)
+    return (
+        'r2s_checks=$(mktemp -d) || exit 1; '
+        f"{started} wait; "
+        f'for name in {names}; do printf \'@@check %s\\n\' "$name"; cat "$r2s_checks/$name"; '
+        'printf \'@@rc %s\\n\' "$(cat "$r2s_checks/$name.rc")"; done; rm -rf "$r2s_checks"'
     )
-    return "; ".join(parts)
 
 
 # ------------------------------------------------------------------ the connection
@@ -737,8 +753,10 @@ def preflight(builder, needs=TOOLS):
     if problems:
         builder.log("\n".join(problems))
         raise StepError("\n".join(problems))
-    versions = {name: last_line(text) for name, (_, text) in checks.items() if name != "space"}
+    versions = {name: last_line(text) for name, (_, text) in checks.items() if name not in ("space", "runtime_build_help")}
     versions["free_gb"] = round(parse_df(checks["space"][1]) / 1e6, 1)
+    if "runtime_build_help" in checks:
+        versions["mksquashfs_args"] = "--mksquashfs-args" in checks["runtime_build_help"][1]
     builder.log("builder preflight: " + json.dumps(versions, sort_keys=True))
     PREFLIGHT_DONE[key] = versions
     return versions

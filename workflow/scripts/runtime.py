@@ -101,20 +101,29 @@ def remote_build_sif(settings, name, sha, tarball_receipt, sif, checksum, log, c
         digest = finished_remote_sif(connection, paths)
         if digest is None:
             size = connection.stat(saved["path"])
-            found = None if size is None else {"size": size, "sha256": connection.sha256(saved["path"])}
-            builder.check_tarball_receipt(saved, found, tarball_receipt)
-            _, help_text, _ = connection.capture(builder.remote_command([settings.runtime, "build", "--help"]))
-            compression = choose_compression(compression_setting, "--mksquashfs-args" in help_text)
+            builder.check_tarball_receipt(saved, None if size is None else {"size": size, "sha256": saved["sha256"]}, tarball_receipt)
+            compression = choose_compression(compression_setting, connection.versions["mksquashfs_args"])
             partial = paths["sif"] + ".partial"
-            connection.run_logged(
-                builder.remote_command(
-                    ["rm", "-f", "--", partial],
-                    [settings.runtime, "build", *compression_arguments(compression), partial, f"docker-archive://{saved['path']}"],
-                    ["mv", "-f", "--", partial, paths["sif"]],
-                ),
-                log,
-                f"build_sif ({Path(settings.runtime).name} build on {settings.host}, {compression or FALLBACK_COMPRESSION})",
+            build = builder.remote_command(
+                ["rm", "-f", "--", partial],
+                [settings.runtime, "build", *compression_arguments(compression), partial, f"docker-archive://{saved['path']}"],
             )
+            # the tarball's digest is checked while the SIF is built from it (hashing it first
+            # would cost the chain a full read), and the SIF takes its name only if it matched
+            found_file = paths["folder"] + "/image.tar.found-sha256"
+            try:
+                connection.run_logged(
+                    builder.checked_while(build, saved["path"], saved["sha256"], found_file)
+                    + " && "
+                    + builder.remote_command(["mv", "-f", "--", partial, paths["sif"]]),
+                    log,
+                    f"build_sif ({Path(settings.runtime).name} build on {settings.host}, {compression or FALLBACK_COMPRESSION})",
+                )
+            except StepError:
+                found = connection.capture(builder.remote_command(["cat", "--", found_file]))[1].split()
+                if found and found[0] != saved["sha256"]:
+                    builder.check_tarball_receipt(saved, {"size": size, "sha256": found[0]}, tarball_receipt)
+                raise
             # the checksum file last, so that it marks a finished SIF
             connection.check_output(
                 builder.remote_command(["sha256sum", "--", paths["sif"]])
