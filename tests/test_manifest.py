@@ -41,6 +41,26 @@ def test_tsv_manifest_with_per_row_settings(tmp_path, repo):
     assert found["one"].ref == "main" and found[builds.naming.check_name("Two")].ref == ""
 
 
+def test_a_row_may_insist_on_a_builder_but_one_run_has_one(tmp_path, repo):
+    manifest = tmp_path / "images.tsv"
+    manifest.write_text(
+        "name\trepo\tbuilder\n"
+        f"either\t{repo.path}\t\n"
+        f"here\t{repo.path}\tlocal\n"
+        f"there\t{repo.path}\tremote\n"
+        f"nowhere\t{repo.path}\tmars\n"
+    )
+    for run_builder, refused_line, refused in (("local", 4, "remote"), ("remote", 3, "local")):
+        with pytest.raises(ManifestError) as error:
+            builds.builds_from_manifest(manifest, SCHEMA, (str(tmp_path),), (), run_builder)
+        problems = error.value.problems
+        assert len(problems) == 2
+        assert problems[0].startswith(f"{manifest}:{refused_line}: builder {refused!r}, but this run builds")
+        assert problems[1].startswith(f"{manifest}:5:") and "mars" in problems[1]
+    manifest.write_text(manifest.read_text().replace(f"nowhere\t{repo.path}\tmars\n", "").replace(f"there\t{repo.path}\tremote\n", ""))
+    assert list(builds.builds_from_manifest(manifest, SCHEMA, (str(tmp_path),), (), "local")) == ["either", "here"]
+
+
 def test_every_problem_of_a_tsv_manifest_is_reported_with_its_line(tmp_path, repo):
     manifest = tmp_path / "images.tsv"
     manifest.write_text(

@@ -58,8 +58,9 @@ def check_build(values, base_dirs, default_repo2docker_args=()):
     )
 
 
-def builds_from_manifest(path, schema_path, base_dirs, default_repo2docker_args):
-    """Every image of a manifest, or ManifestError listing every problem with its line."""
+def builds_from_manifest(path, schema_path, base_dirs, default_repo2docker_args, run_builder="local"):
+    """Every image of a manifest, or ManifestError listing every problem with its line.
+    `run_builder`: "local" or "remote", what the config's `builder` makes of this run."""
     rows, problems = manifest_file.load_rows(path, manifest_file.load_schema(schema_path))
     found = {}
     first_line = {}
@@ -69,6 +70,14 @@ def builds_from_manifest(path, schema_path, base_dirs, default_repo2docker_args)
             problems.append(f"{path}:{row.line}: name {name!r} is already used on line {first_line[name]}")
             continue
         first_line[name] = row.line
+        wanted = row.values.get("builder") or run_builder
+        if wanted != run_builder:
+            problems.append(
+                f"{path}:{row.line}: builder {wanted!r}, but this run builds "
+                f"{'on this machine' if run_builder == 'local' else 'on the remote builder of the config'}; "
+                "one run has one builder: build such rows in a run of their own"
+            )
+            continue
         try:
             build = check_build(row.values, base_dirs, default_repo2docker_args)
         except (RepositoryError, naming.InvalidName, InvalidInput) as error:
@@ -106,7 +115,8 @@ class Settings:
         default_args = tuple(config["repo2docker_args"])
         try:
             if config.get("manifest"):
-                builds = builds_from_manifest(config["manifest"], manifest_schema, base_dirs, default_args)
+                run_builder = "local" if config.get("builder", "local") in (None, "", "local") else "remote"
+                builds = builds_from_manifest(config["manifest"], manifest_schema, base_dirs, default_args, run_builder)
             else:
                 build = check_build(config, base_dirs, default_args)
                 builds = {build.name: build}
