@@ -4,6 +4,7 @@ as a remote host would be. Real sshd, Docker, repo2docker and Apptainer; nothing
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -75,6 +76,13 @@ def test_image_receipt_check_names_the_rule_to_rerun():
     local = {**receipt, "builder": None}
     with pytest.raises(StepError, match=r"\(built locally\); rebuild it with: snakemake --forcerun build_image"):
         builder.check_image_receipt(local, "sha256:other", settings, "image.json")
+
+
+def test_progress_line():
+    line = builder.progress_line("x.sif", 50_000_000, 200_000_000, 0, 5.0)
+    assert line == "  download x.sif [######..................]  25%  50.0 of 200.0 MB, 10.0 MB/s, 15 s left"
+    # resumed at 100 MB: the rate counts only what came in this run
+    assert "20.0 MB/s" in builder.progress_line("x.sif", 200_000_000, 200_000_000, 100_000_000, 5.0)
 
 
 def test_resume_offset():
@@ -337,6 +345,26 @@ def test_remote_chain_gives_the_same_labels_as_a_local_build(lab, remote_build):
 
 
 @pytest.mark.integration
+def test_the_remote_profile_builds_over_ssh_and_unpacks_on_slurm(lab, tmp_path):
+    """`snakemake --profile profiles/remote` as the README gives it, with this lab's builder in
+    place of builder.yaml: builder steps here over SSH, the sandbox as a Slurm job."""
+    assert shutil.which("sbatch"), "Slurm is missing: as root run `bash setup/slurm.sh`"
+    workdir = tmp_path / "profile"
+    configfile = builder_config(lab, workdir)
+    sha = lab["repo"].head()
+    before = lab["sshd"].connections()
+    result = snakemake(workdir, "--profile", str(PROJECT / "profiles" / "remote"), "sandbox", "--configfile", configfile, config=run_config(lab))
+    output = result.stdout + result.stderr
+    assert lab["sshd"].connections() - before == 3, "one connection per builder step"
+    submitted = re.findall(r"Job \d+ has been submitted with SLURM jobid (\d+)", output)
+    records = [subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout for job in submitted]
+    assert len(records) == 1 and "Comment=rule_unpack_sandbox" in records[0] and "JobState=COMPLETED" in records[0], output[-3000:]
+    folder = folder_of(workdir, sha)
+    assert sif_labels(folder / f"{NAME}.sif")["repo2singularity.sha"] == sha
+    assert (folder / "sandbox" / "blob").is_file()
+
+
+@pytest.mark.integration
 def test_second_run_makes_no_ssh_connection(lab, remote_build):
     workdir, configfile, *_ = remote_build
     before = lab["sshd"].connections()
@@ -557,6 +585,29 @@ def test_the_builder_runs_at_most_max_builds_at_once(lab, tmp_path, max_builds):
         assert not overlapped and (first_waited or second_waited)
     else:
         assert overlapped and not (first_waited or second_waited)
+
+
+@pytest.mark.integration
+def test_without_key_file_the_agent_holds_the_key(lab, tmp_path, monkeypatch):
+    settings = builder.settings_from_config(yaml.safe_load(builder_config(lab, tmp_path, key_file="").read_text()))
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ssh/id_* to fall back on
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    with pytest.raises(StepError, match="no key to offer: key_file is empty, no ssh-agent answers"):
+        builder.Builder(settings).connect()
+    socket_path = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(socket_path)], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not socket_path.exists():
+            assert time.monotonic() < deadline, "ssh-agent did not start"
+            time.sleep(0.05)
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(socket_path))
+        subprocess.run(["ssh-add", "-q", str(lab["client_key"])], check=True, env={**os.environ})
+        with builder.Builder(settings) as connection:
+            assert connection.capture("echo agent")[1] == "agent\n"
+    finally:
+        agent.terminate()
+        agent.wait()
 
 
 @pytest.mark.integration

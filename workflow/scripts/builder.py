@@ -223,10 +223,13 @@ def resume_offset(partial_size, partial_meta, remote_size, remote_sha256):
     return partial_size
 
 
-def progress_line(name, done, total, started_bytes, elapsed):
+def progress_line(name, done, total, started_bytes, elapsed, width=24):
+    """One progress line (a log is no terminal, so a line every few seconds, not a redrawn bar)."""
     rate = (done - started_bytes) / elapsed if elapsed > 0 else 0.0
-    percent = 100.0 * done / total if total else 100.0
-    return f"  download {name}: {done / 1e6:.1f} of {total / 1e6:.1f} MB ({percent:.0f}%), {rate / 1e6:.1f} MB/s"
+    fraction = done / total if total else 1.0
+    bar = "#" * round(width * fraction) + "." * (width - round(width * fraction))
+    left = f", {(total - done) / rate:.0f} s left" if rate > 0 else ""
+    return f"  download {name} [{bar}] {100 * fraction:3.0f}%  {done / 1e6:.1f} of {total / 1e6:.1f} MB, {rate / 1e6:.1f} MB/s{left}"
 
 
 def parse_checks(output):
@@ -346,6 +349,11 @@ def describe_connect_error(settings, error):
     if isinstance(error, paramiko.AuthenticationException):
         how = f"key {settings.key_file}" if settings.key_file else "the agent's keys and ~/.ssh/id_*"
         return f"{where}: the builder refused {how} for user {settings.login}"
+    if isinstance(error, paramiko.SSHException) and "No authentication methods available" in str(error):
+        return (
+            f"{where}: no key to offer: key_file is empty, no ssh-agent answers (SSH_AUTH_SOCK) and there is "
+            "no ~/.ssh/id_*; set key_file or load a key into ssh-agent"
+        )
     if isinstance(error, paramiko.ssh_exception.NoValidConnectionsError):
         return f"{where}: connection refused (nothing listens on port {settings.port}?)"
     if isinstance(error, (socket.timeout, TimeoutError)):
