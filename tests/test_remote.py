@@ -528,34 +528,69 @@ def processes_running(needle):
     return found
 
 
+def start_remote_step(lab, tmp_path, command, settings_lines=""):
+    """A step process that runs `command` on the builder as a rule's script would; returned once
+    the command runs there."""
+    settings = builder.settings_from_config(yaml.safe_load(builder_config(lab, tmp_path).read_text()))
+    script = tmp_path / "step.py"
+    log = str(tmp_path / "step.log")
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(PROJECT / 'workflow' / 'scripts')!r})\n"
+        "import builder, steps\n"
+        f"{settings_lines}"
+        f"settings = builder.BuilderSettings(**{settings.__dict__!r})\n"
+        f"with builder.Builder(settings, {log!r}) as b:\n"
+        f"    steps.main('step', lambda: b.run_logged(builder.remote_command({command!r}), {log!r}, 'step'))\n"
+    )
+    step = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not processes_running(shlex.join(command).encode()):
+        assert step.poll() is None, step.stderr.read()
+        assert time.monotonic() < deadline, "the remote command did not start"
+        time.sleep(0.1)
+    return step
+
+
+def wait_until_ended(command, seconds, why):
+    deadline = time.monotonic() + seconds
+    while processes_running(shlex.join(command).encode()):
+        assert time.monotonic() < deadline, why
+        time.sleep(0.1)
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["cancelled", "killed"])
 def test_a_stopped_step_stops_its_command_on_the_builder(lab, tmp_path, how):
     """Snakemake cancels a job with SIGTERM; SIGKILL leaves the step no time to say anything, and
     the builder only sees the connection drop. Either way the command there must end with it."""
-    settings = builder.settings_from_config(yaml.safe_load(builder_config(lab, tmp_path).read_text()))
-    script = tmp_path / "step.py"
-    script.write_text(
-        "import signal, sys\n"
-        f"sys.path.insert(0, {str(PROJECT / 'workflow' / 'scripts')!r})\n"
-        "import builder, steps\n"
-        "signal.signal(signal.SIGTERM, steps.stop_on_signal)\n"
-        f"settings = builder.BuilderSettings(**{settings.__dict__!r})\n"
-        f"with builder.Builder(settings, {str(tmp_path / 'step.log')!r}) as b:\n"
-        f"    b.run_logged(builder.remote_command(['sleep', '321.5']), {str(tmp_path / 'step.log')!r}, 'sleeping')\n"
-    )
-    step = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while not processes_running(b"sleep 321.5"):
-        assert step.poll() is None, step.stderr.read()
-        assert time.monotonic() < deadline, "the remote command did not start"
-        time.sleep(0.1)
+    command = ["sleep", "321.5"]
+    step = start_remote_step(lab, tmp_path, command)
     step.send_signal(how)
     step.wait(timeout=30)
-    deadline = time.monotonic() + 10
-    while processes_running(b"sleep 321.5"):
-        assert time.monotonic() < deadline, "the command on the builder outlived its cancelled step"
-        time.sleep(0.1)
+    wait_until_ended(command, 10, "the command on the builder outlived its stopped step")
+
+
+@pytest.mark.integration
+def test_a_builder_gone_silent_ends_the_step_and_then_its_command(lab, tmp_path):
+    """The network dies without a word: no FIN, no RST, the builder simply stops answering (its
+    sshd is frozen with SIGSTOP, while the kernel keeps the TCP connection up)."""
+    command = ["sleep", "321.9"]
+    step = start_remote_step(lab, tmp_path, command, "builder.QUIET_SECONDS, builder.REPLY_SECONDS = 2, 3\n")
+    time.sleep(3)  # quiet for longer than QUIET_SECONDS, with the builder answering: no failure
+    assert step.poll() is None, step.stderr.read()
+    frozen = descendants(lab["sshd"].pid)
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        _, stderr = step.communicate(timeout=30)
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    assert step.returncode != 0 and "Traceback" not in stderr
+    assert "has not answered a keepalive for 3 s (the network is gone?); run again" in stderr
+    # once the builder's side sees the connection closed, its watcher stops the command
+    wait_until_ended(command, 20, "the command on the builder outlived its connection")
 
 
 @pytest.mark.integration

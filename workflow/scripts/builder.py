@@ -13,6 +13,7 @@ import posixpath
 import shlex
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,10 @@ DEFAULTS = {
 }
 CONNECT_TIMEOUT_SECONDS = 15
 PROGRESS_SECONDS = 5
+# a connection whose network dies without a word (no FIN, no RST) would keep a step waiting for
+# hours: after this long without data the builder is asked for a reply, and given this long
+QUIET_SECONDS = 60
+REPLY_SECONDS = 30
 CHUNK = 1 << 20
 # a test aid and a way to share a thin link: cap the download rate (bytes per second)
 RATE_LIMIT_VARIABLE = "R2S_DOWNLOAD_LIMIT_BPS"
@@ -532,7 +537,7 @@ class Builder:
                 channel.exec_command(watched_command(command))
                 pending = b""
                 while True:
-                    data = channel.recv(32768)
+                    data = self.receive(channel, 32768, step)
                     if not data:
                         break
                     if pgid is None:
@@ -559,6 +564,34 @@ class Builder:
         if status != 0:
             raise StepError(f"{step} failed on builder {self.settings.host} (exit status {status}); see {log_path}:\n{tail(log_path)}")
         print(f"  {step}: done on {self.settings.host} in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+
+    def receive(self, channel, size, doing):
+        """channel.recv that does not wait forever on a connection that died in silence: a quiet
+        spell is fine (a build may print nothing for minutes) while the builder still answers."""
+        channel.settimeout(QUIET_SECONDS)
+        while True:
+            try:
+                return channel.recv(size)
+            except socket.timeout:
+                if not self.answers(REPLY_SECONDS):
+                    raise StepError(
+                        f"{doing}: builder {self.settings.display} sent nothing for {QUIET_SECONDS} s and has not "
+                        f"answered a keepalive for {REPLY_SECONDS} s (the network is gone?); run again"
+                    ) from None
+
+    def answers(self, within):
+        """Whether the builder answers a keepalive request within `within` seconds."""
+        transport = self.client.get_transport()
+        answered = threading.Event()
+
+        def ask():
+            # OpenSSH refuses the unknown request, and the refusal is the answer
+            transport.global_request("keepalive@openssh.com", wait=True)
+            if transport.is_active():
+                answered.set()
+
+        threading.Thread(target=ask, daemon=True).start()
+        return answered.wait(within)
 
     def stop_remote(self, pgid):
         try:
@@ -649,7 +682,7 @@ class Builder:
             with open(partial, "r+b" if offset else "wb") as target:
                 target.seek(offset)
                 while True:
-                    chunk = channel.recv(CHUNK)
+                    chunk = self.receive(channel, CHUNK, f"downloading {remote_path}")
                     if not chunk:
                         break
                     target.write(chunk)
