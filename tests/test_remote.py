@@ -156,9 +156,10 @@ def keygen(path):
 
 
 class Sshd:
-    """/usr/sbin/sshd run by this account on 127.0.0.1: public keys only, its own host key."""
+    """/usr/sbin/sshd run by this account on 127.0.0.1: public keys only, its own host key, no SFTP
+    unless asked."""
 
-    def __init__(self, folder, client_key, env_path=None):
+    def __init__(self, folder, client_key, env_path=None, sftp=False):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -181,8 +182,10 @@ class Sshd:
             "PubkeyAuthentication yes",
             f"PidFile {self.pid_file}",
             "LogLevel VERBOSE",
-            "Subsystem sftp internal-sftp",
         ]
+        # the builder needs a shell, not SFTP: the tests' sshd offers none unless asked
+        if sftp:
+            lines.append("Subsystem sftp internal-sftp")
         if env_path:
             lines.append(f"SetEnv PATH={env_path}")
         self.config = self.folder / "sshd_config"

@@ -488,9 +488,11 @@ class Builder:
             raise StepError(describe_connect_error(settings, error)) from None
         self.client = client
         self.log(f"connected to builder {settings.display} ({client.get_transport().remote_cipher})")
-        with self.guard("resolving the work folder"):
-            home = self.sftp().normalize(".")
-        self.workdir = expand_home(settings.workdir, home)
+        if settings.workdir.startswith("~"):
+            home = self.check_output("printf '%s\\n' \"$HOME\"", "resolving the work folder").strip()
+            if not home.startswith("/"):
+                raise StepError(f"builder {settings.display}: the account has no home folder for workdir {settings.workdir}; set an absolute workdir")
+            self.workdir = expand_home(settings.workdir, home)
         return self
 
     def close(self):
@@ -500,11 +502,6 @@ class Builder:
 
     def guard(self, doing):
         return ConnectionGuard(self, doing)
-
-    def sftp(self):
-        if not hasattr(self, "_sftp") or self._sftp.sock.closed:
-            self._sftp = self.client.open_sftp()
-        return self._sftp
 
     def capture(self, command, timeout=120):
         """Run a remote command line; (exit status, stdout, stderr) as text."""
@@ -600,12 +597,10 @@ class Builder:
             pass
 
     def stat(self, path):
-        """Size of a remote file, or None when it does not exist."""
-        with self.guard(f"looking at {path}"):
-            try:
-                return self.sftp().stat(path).st_size
-            except FileNotFoundError:
-                return None
+        """Size of a remote file, or None when it does not exist (the builder needs a shell,
+        not SFTP)."""
+        status, out, _ = self.capture(remote_command(["stat", "-L", "-c", "%s", "--", path]))
+        return int(out) if status == 0 and out.strip().isdigit() else None
 
     def sha256(self, path):
         """The builder's own sha256sum of a file, or None when it does not exist."""
