@@ -179,6 +179,7 @@ def remote_paths(workdir, name, sha):
         "folder": folder,
         "source": posixpath.join(folder, "source"),
         "tarball": posixpath.join(folder, "image.tar"),
+        "tarball_digest": posixpath.join(folder, "image.tar.found-sha256"),
         "sif": posixpath.join(folder, f"{name}.sif"),
         "checksum": posixpath.join(folder, f"{name}.sif.sha256"),
         "build_slots": posixpath.join(workdir, ".build-slots"),

@@ -110,7 +110,7 @@ def remote_build_sif(settings, name, sha, tarball_receipt, sif, checksum, log, c
             )
             # the tarball's digest is checked while the SIF is built from it (hashing it first
             # would cost the chain a full read), and the SIF takes its name only if it matched
-            found_file = paths["folder"] + "/image.tar.found-sha256"
+            found_file = paths["tarball_digest"]
             try:
                 connection.run_logged(
                     builder.checked_while(build, saved["path"], saved["sha256"], found_file)
