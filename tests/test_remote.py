@@ -471,6 +471,23 @@ def expect_one_line_failure(lab, name, expected, **overrides):
 
 
 @pytest.mark.integration
+def test_check_builder_names_what_it_found_or_what_is_wrong(lab, tmp_path):
+    workdir = tmp_path / "check"
+    configfile = builder_config(lab, workdir)
+    result = snakemake(workdir, "check_builder", "--configfile", configfile, config=run_config(lab))
+    ready = [line for line in result.stderr.splitlines() if " is ready: " in line]
+    assert ready and ready[0].startswith(f"builder {builder.local_user()}@127.0.0.1:{lab['sshd'].port} is ready: docker ")
+    for part in ("buildx github.com/docker/buildx", "repo2docker ", "runtime ", "flock from util-linux", "GB free in", "max_builds 1"):
+        assert part in ready[0], ready[0]
+    # each call runs again (its log is its own), and needs no repository resolved
+    again = snakemake(workdir, "check_builder", "--configfile", builder_config(lab, workdir, port=free_port()), config=run_config(lab), check=False)
+    assert again.returncode != 0 and "Traceback" not in again.stderr
+    assert any(line.startswith("check_builder: builder ") and "connection refused" in line for line in again.stderr.splitlines())
+    local = snakemake(workdir, "check_builder", config=run_config(lab))
+    assert "builder: local (this machine)" in local.stderr
+
+
+@pytest.mark.integration
 def test_unknown_host_key_is_refused(lab):
     empty = lab["base"] / "empty_known_hosts"
     empty.write_text("")

@@ -1,4 +1,5 @@
 import functools
+import os
 import sys
 import time
 from pathlib import Path
@@ -13,6 +14,9 @@ import builds
 
 RESULTS = "results"
 SCRIPTS = "../scripts"
+# rules without outputs (`check_builder`, `servers`, `stop`): Snakemake counts a log as one, so
+# a fixed log name would make every later call "nothing to be done"; each call gets its own
+CALL_STAMP = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
 
 
 def fail(message):

@@ -46,3 +46,13 @@ rule save_image:
     localrule: True
     script:
         f"{SCRIPTS}/image.py"
+
+
+rule check_builder:
+    log:
+        f"{RESULTS}/logs/check_builder/{CALL_STAMP}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/check_builder/{CALL_STAMP}.tsv"
+    localrule: True
+    script:
+        f"{SCRIPTS}/builder.py"

@@ -1,11 +1,4 @@
-import os
-import time
-
 import jupyter_launch
-
-# `servers` and `stop` have no outputs; Snakemake counts a log as one, so a fixed log name would
-# make every later call "nothing to be done": each call gets its own
-CALL_STAMP = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
 
 
 rule launch_jupyter:

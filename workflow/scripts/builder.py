@@ -808,3 +808,29 @@ def connect(settings, log_path, needs=TOOLS):
         builder.close()
         raise
     return builder
+
+
+def readiness(settings, workdir, versions):
+    """What `check_builder` prints when the builder is ready."""
+    tools = ", ".join(f"{name} {versions[name]}" for name in TOOLS if name in versions)
+    return (
+        f"builder {settings.display} is ready: {tools}; {versions['free_gb']} GB free in {workdir}; "
+        f"max_builds {settings.max_builds}, keep_images {settings.keep_images}"
+    )
+
+
+def check_builder(config, log_path):
+    settings = settings_from_config(config)
+    if settings is None:
+        print("builder: local (this machine); `bash setup.sh check` says what it lacks", file=sys.stderr)
+        return
+    with connect(settings, log_path) as builder:
+        line = readiness(settings, builder.workdir, builder.versions)
+    builder.log(line)
+    print(line, file=sys.stderr)
+
+
+if "snakemake" in globals():
+    from steps import main
+
+    main("check_builder", lambda: check_builder(snakemake.config, snakemake.log[0]))
