@@ -666,6 +666,28 @@ def test_without_key_file_the_agent_holds_the_key(lab, tmp_path, monkeypatch):
 
 
 @pytest.mark.integration
+def test_old_images_go_but_not_one_another_run_still_makes_a_sif_of(lab, tmp_path):
+    from image import remove_old_remote_images
+
+    name = f"keep{os.getpid()}"
+    tags = [f"r2s-{name}:{word}" for word in ("aaa", "bbb", "ccc")]
+    for tag in tags:
+        subprocess.run(["docker", "tag", "debian:bookworm", tag], check=True)
+    settings = builder.settings_from_config(yaml.safe_load(builder_config(lab, tmp_path).read_text()))
+    try:
+        with builder.Builder(settings, tmp_path / "log") as connection:
+            under_way = builder.remote_paths(connection.workdir, name, "aaa")["folder"]
+            Path(under_way).mkdir(parents=True)
+            assert connection.existing([under_way, under_way + "-not"]) == {under_way}
+            remove_old_remote_images(connection, name, tags[2], keep=1)
+        left = subprocess.run(["docker", "image", "ls", "--format", "{{.Tag}}", f"r2s-{name}"], capture_output=True, text=True).stdout.split()
+        assert sorted(left) == ["aaa", "ccc"]
+        assert "still being made into SIFs: r2s-" in (tmp_path / "log").read_text()
+    finally:
+        subprocess.run(["docker", "image", "rm", *tags], capture_output=True)
+
+
+@pytest.mark.integration
 def test_trusting_an_unknown_host_records_its_key(lab, tmp_path):
     known_hosts = tmp_path / "known_hosts"
     config = yaml.safe_load(builder_config(lab, tmp_path, known_hosts=str(known_hosts), trust_unknown_host=True).read_text())

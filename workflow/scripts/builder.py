@@ -603,6 +603,12 @@ class Builder:
         status, out, _ = self.capture(remote_command(["stat", "-L", "-c", "%s", "--", path]))
         return int(out) if status == 0 and out.strip().isdigit() else None
 
+    def existing(self, paths):
+        """Those of `paths` that exist on the builder."""
+        paths = list(paths)
+        test = "; ".join(f"[ -e {shlex.quote(path)} ] && printf '%s\\n' {shlex.quote(path)}" for path in paths)
+        return set(self.capture(f"{test}; true")[1].splitlines()) & set(paths)
+
     def sha256(self, path):
         """The builder's own sha256sum of a file, or None when it does not exist."""
         status, out, _ = self.capture(remote_command(["sha256sum", "--", path]), timeout=3600)

@@ -170,7 +170,7 @@ def remote_build_image(settings, name, sha, source, tag, labels, receipt, log, u
             raise StepError(f"repo2docker finished but Docker on builder {settings.host} has no image {tag}")
         # the image holds everything now; the unpacked source is not needed on the builder
         connection.capture(builder.remote_command(["rm", "-rf", "--", paths["source"]]))
-        remove_old_remote_images(connection, tag, settings.keep_images)
+        remove_old_remote_images(connection, name, tag, settings.keep_images)
         config = details.get("Config") or {}
         write_json_atomic(
             receipt,
@@ -188,14 +188,20 @@ def remote_build_image(settings, name, sha, source, tag, labels, receipt, log, u
         )
 
 
-def remove_old_remote_images(connection, tag, keep):
-    """The builder keeps the newest `keep` images of this name; an image that cannot go (a
-    container uses it) stays, and the log says so."""
+def remove_old_remote_images(connection, name, tag, keep):
+    """The builder keeps the newest `keep` images of this name. An image whose chain is still
+    under way there (another run's: its work folder exists until its SIF has been fetched)
+    stays, and so does one that cannot go (a container uses it); the log says so."""
     repository = tag.rsplit(":", 1)[0]
     status, listing, _ = connection.capture(
         builder.remote_command(["docker", "image", "ls", "--format", "{{.CreatedAt}}\t{{.Repository}}:{{.Tag}}", "--", repository])
     )
     old = builder.images_to_remove(listing, tag, keep) if status == 0 else []
+    folders = {old_tag: builder.remote_paths(connection.workdir, name, old_tag.rsplit(":", 1)[1])["folder"] for old_tag in old}
+    under_way = connection.existing(folders.values()) if folders else set()
+    if under_way:
+        connection.log(f"kept on the builder, still being made into SIFs: {' '.join(t for t, f in folders.items() if f in under_way)}")
+    old = [old_tag for old_tag in old if folders[old_tag] not in under_way]
     if old:
         status, out, err = connection.capture(builder.remote_command(["docker", "image", "rm", "--", *old]))
         connection.log(f"removed older images of {repository} on the builder (keep_images: {keep}): {' '.join(old)}")
