@@ -69,6 +69,7 @@ def test_sigterm_while_a_tool_starts_is_held_until_the_tool_can_be_stopped(tmp_p
         with pytest.raises(SystemExit):
             steps.raise_deferred_signal()
         steps.raise_deferred_signal()  # nothing left pending
+        steps.DEFERRED["stopping"] = False  # a step stops once; this test stops twice
         started = time.monotonic()
         marker = tmp_path / "still-running"
         signal.setitimer(signal.ITIMER_REAL, 0.5)
@@ -79,5 +80,40 @@ def test_sigterm_while_a_tool_starts_is_held_until_the_tool_can_be_stopped(tmp_p
         time.sleep(5)
         assert not marker.exists(), "the tool outlived its stopped step"
     finally:
+        steps.DEFERRED["stopping"] = False
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+
+def test_a_tool_deaf_to_the_first_sigterm_is_still_stopped_despite_a_second_one(tmp_path):
+    """A killed workflow sends the step two SIGTERMs (parent death, then watch_workflow); a tool
+    started through sudo cannot be signalled until it drops back to the caller. The stop must
+    outlast both: the tool ends, and the step waits for it."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    scripts = Path(__file__).resolve().parent.parent / "workflow" / "scripts"
+    script = tmp_path / "step.py"
+    script.write_text(
+        "import os, signal, sys, threading, time\n"
+        f"sys.path.insert(0, {str(scripts)!r})\n"
+        "import steps\n"
+        "signal.signal(signal.SIGTERM, steps.stop_on_signal)\n"
+        "def twice():\n"
+        "    for pause in (0.5, 0.3):\n"
+        "        time.sleep(pause)\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "threading.Thread(target=twice, daemon=True).start()\n"
+        "try:\n"
+        f"    steps.run_logged(['sh', '-c', \"trap '' TERM; sleep 2; trap - TERM; sleep 300.7\"], {str(tmp_path / 'log')!r}, 'step')\n"
+        "except SystemExit:\n"
+        "    print('stopped', flush=True)\n"
+    )
+    started = time.monotonic()
+    step = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert step.stdout.strip() == "stopped", step.stderr
+    assert time.monotonic() - started < 15
+    running = subprocess.run(["pgrep", "-f", "sleep 300.7"], capture_output=True, text=True).stdout.split()
+    assert not running, "the tool outlived its stopped step"

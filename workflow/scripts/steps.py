@@ -32,17 +32,24 @@ def end_with_parent():
 
 
 def stop_session(process, grace_seconds=30):
-    """End a tool and everything it started (it runs in a session of its own)."""
+    """End a tool and everything it started (it runs in a session of its own). A tool started
+    through sudo (the Apptainer wrapper on Debian 12) belongs to root until it drops back to the
+    caller, and a signal sent before that is lost: SIGTERM is sent again each second until the
+    tool ends, then SIGKILL."""
+    deadline = time.monotonic() + grace_seconds
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            process.wait(timeout=grace_seconds)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+        while True:
+            try:
+                os.killpg(process.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                process.wait(timeout=1)
+                return
+            except subprocess.TimeoutExpired:
+                if time.monotonic() >= deadline:
+                    deadline += grace_seconds
+                    break
 
 
 def process_alive(pid):
@@ -186,13 +193,18 @@ def sha256_file(path, chunk_size=4 << 20):
     return digest.hexdigest()
 
 
-DEFERRED = {"active": False, "signal": None}
+DEFERRED = {"active": False, "signal": None, "stopping": False}
 
 
 def stop_on_signal(signum, frame):
     if DEFERRED["active"]:
         DEFERRED["signal"] = signum
         return
+    # a killed workflow sends two (the parent-death signal and watch_workflow's): the second
+    # must not cut short the stopping and cleaning up that the first began
+    if DEFERRED["stopping"]:
+        return
+    DEFERRED["stopping"] = True
     raise SystemExit(f"stopped by signal {signum}")
 
 
@@ -207,7 +219,8 @@ def signals_deferred():
 
 def raise_deferred_signal():
     signum, DEFERRED["signal"] = DEFERRED["signal"], None
-    if signum is not None:
+    if signum is not None and not DEFERRED["stopping"]:
+        DEFERRED["stopping"] = True
         raise SystemExit(f"stopped by signal {signum}")
 
 
