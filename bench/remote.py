@@ -43,7 +43,7 @@ def transfer(lab, source, size, repeat):
         "known_hosts": str(lab["known_hosts"]),
     }})
     digest = sha256_file(source)
-    rows = {"builder transport (stream + sha256)": [], "scp": [], "paramiko SFTP get (reference)": []}
+    rows = {"builder transport (stream + sha256)": [], "scp": [], "scp -O (reference)": [], "paramiko SFTP get (reference)": []}
     for _ in range(repeat):
         target = lab["base"] / "down" / "bench.sif"
         target.parent.mkdir(exist_ok=True)
@@ -58,6 +58,12 @@ def transfer(lab, source, size, repeat):
         quiet(["scp", "-q", "-P", lab["sshd"].port, "-i", lab["client_key"], "-o", f"UserKnownHostsFile={lab['known_hosts']}",
                "-o", "BatchMode=yes", f"127.0.0.1:{source}", copy])
         rows["scp"].append(time.monotonic() - started)
+        # OpenSSH 9 scp speaks SFTP; -O is its old protocol, for reference
+        copy.unlink()
+        started = time.monotonic()
+        quiet(["scp", "-O", "-q", "-P", lab["sshd"].port, "-i", lab["client_key"], "-o", f"UserKnownHostsFile={lab['known_hosts']}",
+               "-o", "BatchMode=yes", f"127.0.0.1:{source}", copy])
+        rows["scp -O (reference)"].append(time.monotonic() - started)
         # what the transport used before: paramiko's SFTP with prefetch (no hashing), for reference
         copy.unlink()
         started = time.monotonic()
