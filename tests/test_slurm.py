@@ -192,6 +192,11 @@ def read_connection(workdir, sha):
     return json.loads((folder_of(workdir, sha) / "launch.json").read_text())
 
 
+def launch_error(result):
+    """The one line launch_jupyter failed with."""
+    return next(line for line in result.stderr.splitlines() if line.startswith("launch_jupyter: "))
+
+
 def stop(workdir, repo):
     return on_slurm(workdir, "stop", config=config_for(repo))
 
@@ -314,7 +319,7 @@ def test_impossible_request_is_one_line_and_leaves_nothing_running(launched, set
     before = my_active_jobs()
     result = on_slurm(workdir, "launch", config=config_for(repo, **settings), check=False)
     assert result.returncode != 0
-    line = next(line for line in result.stderr.splitlines() if line.startswith("launch_jupyter: "))
+    line = launch_error(result)
     assert line == f"launch_jupyter: Slurm refused the job: {reason}"
     assert not (folder_of(workdir, sha) / "launch.json").exists()
     assert my_active_jobs() == before
@@ -325,7 +330,7 @@ def test_job_that_dies_before_answering_is_one_line_with_its_log(launched):
     repo, workdir, sha, *_ = launched
     result = on_slurm(workdir, "launch", config=config_for(repo, jupyter_command="[jupyter,no-such-app]"), check=False)
     assert result.returncode != 0
-    line = next(line for line in result.stderr.splitlines() if line.startswith("launch_jupyter: "))
+    line = launch_error(result)
     assert re.fullmatch(r"launch_jupyter: the Slurm job \d+ ended \(FAILED\) before the Jupyter server answered; last lines of .*:", line), line
     assert "no-such-app" in result.stderr
     assert len(re.findall(r"submitted Slurm job", result.stderr)) == 1
@@ -338,7 +343,7 @@ def test_server_that_never_answers_is_cancelled_after_the_wait(launched):
     settings = {"jupyter_command": '[sh,-c,"sleep 600"]', "launch_timeout": 5}
     result = on_slurm(workdir, "launch", config=config_for(repo, **settings), check=False)
     assert result.returncode != 0
-    line = next(line for line in result.stderr.splitlines() if line.startswith("launch_jupyter: "))
+    line = launch_error(result)
     assert re.fullmatch(r"launch_jupyter: the Jupyter server \(Slurm job \d+\) did not answer within 5 s; it was cancelled; see .*", line), line
     assert not my_active_jobs()
 
@@ -350,7 +355,7 @@ def test_job_left_waiting_in_the_queue_is_cancelled_after_the_queue_timeout(laun
     settings = {"slurm_sbatch_args": "[--begin=now+3600]", "slurm_queue_timeout": 3}
     result = on_slurm(workdir, "launch", config=config_for(repo, **settings), check=False)
     assert result.returncode != 0
-    line = next(line for line in result.stderr.splitlines() if line.startswith("launch_jupyter: "))
+    line = launch_error(result)
     assert re.fullmatch(
         r"launch_jupyter: the Slurm job \d+ was still waiting in the queue after 3 s \(BeginTime\); it was cancelled \(slurm_queue_timeout\)",
         line,

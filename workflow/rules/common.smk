@@ -14,7 +14,7 @@ import builds
 
 RESULTS = "results"
 SCRIPTS = "../scripts"
-# rules without outputs (`check_builder`, `servers`, `stop`): Snakemake counts a log as one, so
+# rules without outputs (`check_builder`, `servers`, `stop`, `prune`): Snakemake counts a log as one, so
 # a fixed log name would make every later call "nothing to be done"; each call gets its own
 CALL_STAMP = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
 

@@ -24,7 +24,9 @@ rule describe_image:
 
 rule prune:
     log:
-        f"{RESULTS}/logs/prune.log",
+        f"{RESULTS}/logs/prune/{CALL_STAMP}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/prune/{CALL_STAMP}.tsv"
     localrule: True
     params:
         results=RESULTS,

@@ -1,6 +1,6 @@
 """A remote builder reached over SSH (paramiko): connect with host key checking, check the
-builder once per process, run commands with their output streamed into the rule's log, send
-files, and bring files back with progress, resume, a sha256 check and an atomic rename.
+builder, run commands with their output streamed into the rule's log, send folders, and bring
+files back with progress, resume, a sha256 check and an atomic rename.
 
 Every remote command is an argument list joined with shlex.quote, never a string with user
 text pasted in. No password is ever asked for or stored: keys or the agent only."""
@@ -158,7 +158,7 @@ def images_to_remove(listing, current_tag, keep):
     lines; CreatedAt is the same zone for all, so it sorts as text."""
     images = sorted((line.split("\t", 1) for line in listing.splitlines() if "\t" in line), reverse=True)
     tags = [tag for _, tag in images if tag != current_tag and not tag.endswith(":<none>")]
-    return tags[max(keep - 1, 0) :]
+    return tags[keep - 1 :]
 
 
 def checked_while(command, path, sha256, found_file):
@@ -198,11 +198,12 @@ def expand_home(path, home):
 
 
 def check_tarball_receipt(receipt, found, receipt_path):
-    """`found`: {"size", "sha256"} of the tarball on the builder, or None when it is gone."""
+    """`found`: {"size"} of the tarball on the builder, with its "sha256" once known, or None
+    when it is gone."""
     rerun = f"rerun it with: snakemake --forcerun save_image (receipt {receipt_path})"
     if found is None:
         raise StepError(f"the saved image {receipt['path']} is gone from builder {receipt['host']}; {rerun}")
-    if found["size"] != receipt["size_bytes"] or found["sha256"] != receipt["sha256"]:
+    if found["size"] != receipt["size_bytes"] or found.get("sha256", receipt["sha256"]) != receipt["sha256"]:
         raise StepError(f"the saved image {receipt['path']} on builder {receipt['host']} does not match its receipt; {rerun}")
 
 
@@ -780,16 +781,10 @@ def quiet_paramiko(log_path):
         logger.addHandler(logging.NullHandler())
 
 
-PREFLIGHT_DONE = {}
-
-
 def preflight(builder, needs=TOOLS):
-    """Check the builder once per process: the tools a step needs (Docker, buildx, repo2docker,
-    the runtime; versions into the log) and free space in the work folder. Raises StepError
-    with one line per problem."""
-    key = (builder.settings, tuple(needs))
-    if key in PREFLIGHT_DONE:
-        return PREFLIGHT_DONE[key]
+    """Check the builder: the tools a step needs (Docker, buildx, repo2docker, the runtime,
+    flock; versions into the log) and free space in the work folder. Raises StepError with one
+    line per problem."""
     _, out, _ = builder.capture(preflight_script(builder.settings, builder.workdir, needs))
     checks = parse_checks(out)
     problems = preflight_problems(builder.settings, builder.workdir, checks, needs)
@@ -801,7 +796,6 @@ def preflight(builder, needs=TOOLS):
     if "runtime_build_help" in checks:
         versions["mksquashfs_args"] = "--mksquashfs-args" in checks["runtime_build_help"][1]
     builder.log("builder preflight: " + json.dumps(versions, sort_keys=True))
-    PREFLIGHT_DONE[key] = versions
     return versions
 
 

@@ -92,26 +92,28 @@ def working_folder(image_config):
     return image_environment(image_config).get("REPO_DIR") or image_config.get("WorkingDir") or "/"
 
 
+def image_receipt(details, tag, user_name, repo2docker_version):
+    """What image.json records of a built image (`details`: docker image inspect's)."""
+    config = details.get("Config") or {}
+    return {
+        "image_id": details["Id"],
+        "tag": tag,
+        "repo2docker_version": repo2docker_version,
+        "labels": config.get("Labels") or {},
+        "working_folder": working_folder(config),
+        "home": image_environment(config).get("HOME") or f"/home/{user_name}",
+        "created": details.get("Created"),
+        "size_bytes": details.get("Size"),
+    }
+
+
 def build_image(source, tag, labels, receipt, log, user_name, user_id, subdir="", extra_args=()):
     command = repo2docker_command(source, tag, labels, user_name, user_id or default_user_id(), subdir, extra_args)
     run_docker_step(command, log, "build_image (repo2docker)")
     details = inspect_image(tag)
     if details is None:
         raise StepError(f"repo2docker finished but Docker has no image {tag}")
-    config = details.get("Config") or {}
-    write_json_atomic(
-        receipt,
-        {
-            "image_id": details["Id"],
-            "tag": tag,
-            "repo2docker_version": repo2docker_version(),
-            "labels": config.get("Labels") or {},
-            "working_folder": working_folder(config),
-            "home": image_environment(config).get("HOME") or f"/home/{user_name}",
-            "created": details.get("Created"),
-            "size_bytes": details.get("Size"),
-        },
-    )
+    write_json_atomic(receipt, image_receipt(details, tag, user_name, repo2docker_version()))
 
 
 def save_image(receipt, tarball, log):
@@ -155,8 +157,8 @@ def remote_inspect_image(connection, tag):
 
 
 def remote_build_image(settings, name, sha, source, tag, labels, receipt, log, user_name, user_id, subdir="", extra_args=()):
-    """Send the clone to the builder as a tar file, run repo2docker there with the same
-    arguments as a local build, and write the receipt here."""
+    """Send the clone to the builder, run repo2docker there with the same arguments as a local
+    build (once a build slot is free), and write the receipt here."""
     with builder.connect(settings, log, builder.STEP_TOOLS["build_image"]) as connection:
         paths = builder.remote_paths(connection.workdir, name, sha)
         connection.log(f"sending {source} to {paths['source']}")
@@ -171,21 +173,8 @@ def remote_build_image(settings, name, sha, source, tag, labels, receipt, log, u
         # the image holds everything now; the unpacked source is not needed on the builder
         connection.capture(builder.remote_command(["rm", "-rf", "--", paths["source"]]))
         remove_old_remote_images(connection, name, tag, settings.keep_images)
-        config = details.get("Config") or {}
-        write_json_atomic(
-            receipt,
-            {
-                "image_id": details["Id"],
-                "tag": tag,
-                "repo2docker_version": connection.versions["repo2docker"],
-                "labels": config.get("Labels") or {},
-                "working_folder": working_folder(config),
-                "home": image_environment(config).get("HOME") or f"/home/{user_name}",
-                "created": details.get("Created"),
-                "size_bytes": details.get("Size"),
-                "builder": settings.describe(),
-            },
-        )
+        found = image_receipt(details, tag, user_name, connection.versions["repo2docker"])
+        write_json_atomic(receipt, {**found, "builder": settings.describe()})
 
 
 def remove_old_remote_images(connection, name, tag, keep):
@@ -235,7 +224,6 @@ def remote_save_image(settings, name, sha, receipt, tarball_receipt, log):
             tarball_receipt,
             {**settings.describe(), "path": paths["tarball"], "size_bytes": size, "sha256": digest, "tag": image["tag"], "image_id": image["image_id"]},
         )
-
 
 
 if "snakemake" in globals():

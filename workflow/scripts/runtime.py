@@ -101,7 +101,7 @@ def remote_build_sif(settings, name, sha, tarball_receipt, sif, checksum, log, c
         digest = finished_remote_sif(connection, paths)
         if digest is None:
             size = connection.stat(saved["path"])
-            builder.check_tarball_receipt(saved, None if size is None else {"size": size, "sha256": saved["sha256"]}, tarball_receipt)
+            builder.check_tarball_receipt(saved, None if size is None else {"size": size}, tarball_receipt)
             compression = choose_compression(compression_setting, connection.versions["mksquashfs_args"])
             partial = paths["sif"] + ".partial"
             build = builder.remote_command(
@@ -109,13 +109,20 @@ def remote_build_sif(settings, name, sha, tarball_receipt, sif, checksum, log, c
                 [settings.runtime, "build", *compression_arguments(compression), partial, f"docker-archive://{saved['path']}"],
             )
             # the tarball's digest is checked while the SIF is built from it (hashing it first
-            # would cost the chain a full read), and the SIF takes its name only if it matched
+            # would cost the chain a full read), and the SIF takes its name only if it matched;
+            # the checksum file comes last, so that it marks a finished SIF
             found_file = paths["tarball_digest"]
             try:
                 connection.run_logged(
                     builder.checked_while(build, saved["path"], saved["sha256"], found_file)
                     + " && "
-                    + builder.remote_command(["mv", "-f", "--", partial, paths["sif"]]),
+                    + builder.remote_command(["mv", "-f", "--", partial, paths["sif"]])
+                    + " && "
+                    + builder.remote_command(["sha256sum", "--", paths["sif"]])
+                    + " > "
+                    + builder.remote_command([paths["checksum"] + ".partial"])
+                    + " && "
+                    + builder.remote_command(["mv", "-f", "--", paths["checksum"] + ".partial", paths["checksum"]]),
                     log,
                     f"build_sif ({Path(settings.runtime).name} build on {settings.host}, {compression or FALLBACK_COMPRESSION})",
                 )
@@ -124,15 +131,6 @@ def remote_build_sif(settings, name, sha, tarball_receipt, sif, checksum, log, c
                 if found and found[0] != saved["sha256"]:
                     builder.check_tarball_receipt(saved, {"size": size, "sha256": found[0]}, tarball_receipt)
                 raise
-            # the checksum file last, so that it marks a finished SIF
-            connection.check_output(
-                builder.remote_command(["sha256sum", "--", paths["sif"]])
-                + " > "
-                + builder.remote_command([paths["checksum"] + ".partial"])
-                + " && "
-                + builder.remote_command(["mv", "-f", "--", paths["checksum"] + ".partial", paths["checksum"]]),
-                "sha256sum of the SIF",
-            )
             digest = finished_remote_sif(connection, paths)
             if digest is None:
                 raise StepError(f"the SIF built on builder {settings.host} has no checksum")

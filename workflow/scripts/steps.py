@@ -36,9 +36,9 @@ def stop_session(process, grace_seconds=30):
     through sudo (the Apptainer wrapper on Debian 12) belongs to root until it drops back to the
     caller, and a signal sent before that is lost: SIGTERM is sent again each second until the
     tool ends, then SIGKILL."""
-    deadline = time.monotonic() + grace_seconds
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        while True:
+        deadline = time.monotonic() + grace_seconds
+        while time.monotonic() < deadline:
             try:
                 os.killpg(process.pid, sig)
             except (ProcessLookupError, PermissionError):
@@ -47,9 +47,7 @@ def stop_session(process, grace_seconds=30):
                 process.wait(timeout=1)
                 return
             except subprocess.TimeoutExpired:
-                if time.monotonic() >= deadline:
-                    deadline += grace_seconds
-                    break
+                continue
 
 
 def process_alive(pid):
@@ -200,12 +198,15 @@ def stop_on_signal(signum, frame):
     if DEFERRED["active"]:
         DEFERRED["signal"] = signum
         return
+    stop(signum)
+
+
+def stop(signum):
     # a killed workflow sends two (the parent-death signal and watch_workflow's): the second
     # must not cut short the stopping and cleaning up that the first began
-    if DEFERRED["stopping"]:
-        return
-    DEFERRED["stopping"] = True
-    raise SystemExit(f"stopped by signal {signum}")
+    if not DEFERRED["stopping"]:
+        DEFERRED["stopping"] = True
+        raise SystemExit(f"stopped by signal {signum}")
 
 
 @contextlib.contextmanager
@@ -219,9 +220,8 @@ def signals_deferred():
 
 def raise_deferred_signal():
     signum, DEFERRED["signal"] = DEFERRED["signal"], None
-    if signum is not None and not DEFERRED["stopping"]:
-        DEFERRED["stopping"] = True
-        raise SystemExit(f"stopped by signal {signum}")
+    if signum is not None:
+        stop(signum)
 
 
 def main(step, function):
