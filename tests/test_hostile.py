@@ -2,6 +2,8 @@
 nothing executed; what is odd but legitimate is handled; credentials never leak."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -11,7 +13,7 @@ import pytest
 
 from conftest import GitRepo
 from repo2singularity.processes import free_port
-from workflow_runner import last_line, snakemake
+from workflow_runner import PROJECT, SNAKEMAKE, last_line, snakemake
 
 
 @pytest.fixture(scope="module")
@@ -66,40 +68,83 @@ def test_unicode_branch_and_name_are_handled(tmp_path, repo):
     assert f"name={name}, sha={repo.head()}" in result.stdout
 
 
+class DumbHttpRepository:
+    """git's "dumb" HTTP protocol from a plain file server on loopback: a URL with credentials
+    that really is fetched from."""
+
+    def __init__(self, repo):
+        repo.git("update-server-info")
+        port = free_port()
+        self.server = subprocess.Popen(
+            [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(repo.path), str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.secret = f"s3cret{uuid.uuid4().hex[:8]}"
+        self.url = f"http://user:{self.secret}@127.0.0.1:{port}/.git"
+        deadline = time.monotonic() + 10
+        while subprocess.run(["git", "ls-remote", self.url], capture_output=True).returncode:
+            assert time.monotonic() < deadline, "the file server did not answer"
+            time.sleep(0.2)
+
+    def stop(self):
+        self.server.terminate()
+        self.server.wait()
+
+
+def files_holding(secret, *folders):
+    """The files under `folders` that hold `secret` (grep: 0 found, 1 none, else an error)."""
+    result = subprocess.run(["grep", "-rl", "--binary-files=text", secret, *map(str, folders)], capture_output=True, text=True)
+    assert result.returncode in (0, 1), f"grep failed: {result.stderr}"
+    return result.stdout
+
+
+@pytest.mark.integration
+def test_credentials_are_on_no_disk_even_after_the_workflow_is_killed(tmp_path):
+    """Issue 13 item 1: Snakemake writes each script job's params to .snakemake/scripts/ and
+    deletes the file only when the job ends; a SIGKILLed workflow leaves it there."""
+    repo = GitRepo(tmp_path / "big-repo")
+    (repo.path / "data.bin").write_bytes(os.urandom(60 << 20))
+    repo.commit("data", {"Dockerfile": "FROM debian:bookworm\n"})
+    tmp_path = tmp_path / "work"
+    tmp_path.mkdir()
+    served = DumbHttpRepository(repo)
+    try:
+        manifest = tmp_path / "images.tsv"
+        manifest.write_text(f"name\trepo\tref\nprivate\t{served.url}\tmain\n")
+        command = [SNAKEMAKE, "--snakefile", str(PROJECT / "Snakefile"), "--directory", str(tmp_path), "--cores", "2", "--config", f"manifest={manifest}"]
+        run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        cloning = tmp_path / "results" / "private" / repo.head() / "source.partial"
+        deadline = time.monotonic() + 120
+        while not cloning.exists():
+            assert run.poll() is None and time.monotonic() < deadline, "the clone did not start"
+            time.sleep(0.005)
+        scripts = list((tmp_path / ".snakemake" / "scripts").glob("*clone_source*"))
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+    finally:
+        served.stop()
+    assert scripts, "the clone job's script should still be there after the kill"
+    assert files_holding(served.secret, tmp_path / ".snakemake", tmp_path / "results") == ""
+
+
 @pytest.mark.integration
 def test_credentials_in_a_url_never_reach_logs_names_or_labels(tmp_path, repo):
-    # git's "dumb" HTTP protocol from a plain file server on loopback: a URL with credentials
-    # that really is fetched from
-    repo.git("update-server-info")
-    port = free_port()
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(repo.path), str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    secret = f"s3cret{uuid.uuid4().hex[:8]}"
+    served = DumbHttpRepository(repo)
+    secret = served.secret
     try:
-        url = f"http://user:{secret}@127.0.0.1:{port}/.git"
-        deadline = time.monotonic() + 10
-        while subprocess.run(["git", "ls-remote", url], capture_output=True).returncode:
-            assert time.monotonic() < deadline, "git daemon did not answer"
-            time.sleep(0.2)
         # in a manifest: Snakemake itself logs its command line, so a secret on it would show
         manifest = tmp_path / "images.tsv"
-        manifest.write_text(f"name\trepo\tref\nprivate\t{url}\tmain\n")
+        manifest.write_text(f"name\trepo\tref\nprivate\t{served.url}\tmain\n")
         result = snakemake(tmp_path, config={"manifest": manifest})
     finally:
-        daemon.terminate()
-        daemon.wait()
+        served.stop()
+    port = served.url.rsplit(":", 1)[1].split("/")[0]
     assert secret not in result.stdout + result.stderr
     sha = repo.head()
     folder = tmp_path / "results" / "private" / sha
     assert (folder / "private.sif").exists()
-    leaks = subprocess.run(
-        ["grep", "-rl", "--binary-files=text", secret, str(tmp_path / "results"), str(tmp_path / ".snakemake")],
-        capture_output=True,
-        text=True,
-    ).stdout
+    leaks = files_holding(secret, tmp_path / "results", tmp_path / ".snakemake")
     assert leaks == "", f"the secret is in: {leaks}"
     assert not any(secret in str(p) for p in tmp_path.rglob("*"))
     labels = json.loads((folder / "image.json").read_text())["labels"]

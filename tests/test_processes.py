@@ -9,6 +9,7 @@ import psutil
 import pytest
 
 from repo2singularity import jupyter, servers, tools
+from conftest import started
 from repo2singularity.processes import ProcessIdentity, free_port
 from workflow_runner import PROJECT
 
@@ -23,7 +24,7 @@ def record(folder, pid, identity):
 def test_stop_never_signals_another_process_that_got_the_recorded_pid(tmp_path):
     """Issue 13 item 3: after a reboot or pid reuse, launch.json's pid belongs to a process the
     launch never started; stop and a relaunch must leave it alone."""
-    bystander = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    bystander = started(["sleep", "60"], start_new_session=True)
     try:
         real = ProcessIdentity.of(bystander.pid)
         results = tmp_path / "results"

@@ -551,12 +551,11 @@ def processes_running(needle):
     return found
 
 
-def start_remote_step(lab, tmp_path, command, settings_lines=""):
-    """A step process that runs `command` on the builder as a rule's script would; returned once
-    the command runs there."""
+def step_on_builder(lab, tmp_path, body, settings_lines=""):
+    """A Python script that connects to the builder as a rule's script would, then runs `body`
+    (with `t` the connection)."""
     target = settings_of(builder_config(lab, tmp_path)).target
     script = tmp_path / "step.py"
-    log = str(tmp_path / "step.log")
     script.write_text(
         "import sys\n"
         f"sys.path.insert(0, {str(PROJECT / 'workflow' / 'scripts')!r})\n"
@@ -564,16 +563,40 @@ def start_remote_step(lab, tmp_path, command, settings_lines=""):
         "from repo2singularity.step import run_step\n"
         f"{settings_lines}"
         f"target = ssh_transport.SSHTarget(**{target.__dict__!r})\n"
-        f"with ssh_transport.SSHTransport(target, {log!r}) as t:\n"
-        f"    run_step('step', lambda: t.run_logged(ssh_transport.remote_command({command!r}), {log!r}, 'step'))\n"
+        f"with ssh_transport.SSHTransport(target, {str(tmp_path / 'step.log')!r}) as t:\n"
+        f"    {body}\n"
     )
-    step = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def start_remote_step(lab, tmp_path, command, settings_lines=""):
+    """A step process that runs `command` on the builder; returned once the command runs there."""
+    log = str(tmp_path / "step.log")
+    body = f"run_step('step', lambda: t.run_logged(ssh_transport.remote_command({command!r}), {log!r}, 'step'))"
+    step = step_on_builder(lab, tmp_path, body, settings_lines)
     deadline = time.monotonic() + 30
     while not processes_running(shlex.join(command).encode()):
         assert step.poll() is None, step.stderr.read()
         assert time.monotonic() < deadline, "the remote command did not start"
         time.sleep(0.1)
     return step
+
+
+# keepalives every 2 s, answered within 3 s
+QUICK_KEEPALIVE = "ssh_transport.QUIET_SECONDS, ssh_transport.REPLY_SECONDS = 2, 3\n"
+
+
+def communicate_while_frozen(step, sshd, timeout=60):
+    """The network dead in silence: the sshd's sessions stopped (SIGSTOP) while the kernel keeps
+    TCP up, until the step has ended."""
+    frozen = descendants(sshd.pid)
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        return step.communicate(timeout=timeout)
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
 
 
 def wait_until_ended(command, seconds, why):
@@ -600,17 +623,10 @@ def test_a_builder_gone_silent_ends_the_step_and_then_its_command(lab, tmp_path)
     """The network dies without a word: no FIN, no RST, the builder simply stops answering (its
     sshd is frozen with SIGSTOP, while the kernel keeps the TCP connection up)."""
     command = ["sleep", "321.9"]
-    step = start_remote_step(lab, tmp_path, command, "ssh_transport.QUIET_SECONDS, ssh_transport.REPLY_SECONDS = 2, 3\n")
+    step = start_remote_step(lab, tmp_path, command, QUICK_KEEPALIVE)
     time.sleep(3)  # quiet for longer than QUIET_SECONDS, with the builder answering: no failure
     assert step.poll() is None, step.stderr.read()
-    frozen = descendants(lab["sshd"].pid)
-    for pid in frozen:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        _, stderr = step.communicate(timeout=30)
-    finally:
-        for pid in frozen:
-            os.kill(pid, signal.SIGCONT)
+    _, stderr = communicate_while_frozen(step, lab["sshd"])
     assert step.returncode != 0 and "Traceback" not in stderr
     assert "has not answered a keepalive for 3 s (the network is gone?); run again" in stderr
     # once the builder's side sees the connection closed, its watcher stops the command
@@ -758,32 +774,14 @@ def test_an_upload_to_a_builder_gone_silent_ends_in_one_line(lab, tmp_path):
     for index in range(16):
         (source / f"blob-{index:02d}").write_bytes(os.urandom(16 << 20))
     arrived = tmp_path / "remote-source" / "blob-00"
-    target = settings_of(builder_config(lab, tmp_path)).target
-    script = tmp_path / "upload.py"
-    script.write_text(
-        "import sys\n"
-        f"sys.path.insert(0, {str(PROJECT / 'workflow' / 'scripts')!r})\n"
-        "from repo2singularity import ssh_transport\n"
-        "from repo2singularity.step import run_step\n"
-        "ssh_transport.QUIET_SECONDS, ssh_transport.REPLY_SECONDS = 2, 3\n"
-        f"target = ssh_transport.SSHTarget(**{target.__dict__!r})\n"
-        f"with ssh_transport.SSHTransport(target, {str(tmp_path / 'log')!r}) as t:\n"
-        f"    run_step('build_image', lambda: t.send_folder({str(source)!r}, {str(arrived.parent)!r}))\n"
-    )
-    step = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    body = f"run_step('build_image', lambda: t.send_folder({str(source)!r}, {str(arrived.parent)!r}))"
+    step = step_on_builder(lab, tmp_path, body, QUICK_KEEPALIVE)
     deadline = time.monotonic() + 60
     while not (arrived.exists() and arrived.stat().st_size > 0):
         assert step.poll() is None, step.stderr.read()
         assert time.monotonic() < deadline, "the upload did not begin"
         time.sleep(0.005)
-    frozen = descendants(lab["sshd"].pid)
-    for pid in frozen:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        _, stderr = step.communicate(timeout=60)
-    finally:
-        for pid in frozen:
-            os.kill(pid, signal.SIGCONT)
+    _, stderr = communicate_while_frozen(step, lab["sshd"])
     assert step.returncode != 0 and "Traceback" not in stderr
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert lines[-1].startswith(f"build_image: sending {source}: builder ") and lines[-1].endswith(

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import stat
 import subprocess
 import time
@@ -15,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PROJECT
+from conftest import PROJECT, started
 from jupyter_client import api, execute
 from repo2singularity import jupyter, servers, slurm
 from repo2singularity.launchers.local import LocalLauncher
 from repo2singularity.launchers import slurm as slurm_launcher
-from repo2singularity.launchers.slurm import node_address, ssh_tunnel
+from repo2singularity.launchers.slurm import own_addresses, reachable_address, ssh_tunnel
 from repo2singularity.processes import ProcessIdentity
 from repo2singularity.step import StepError
 from workflow_runner import last_line, snakemake
@@ -91,6 +92,20 @@ def test_server_command_for_a_slurm_job_leaves_address_and_port_to_the_node(tmp_
     assert not any("token" in word.lower() for word in command)
 
 
+def test_the_server_listens_where_the_login_node_reaches_the_node_never_on_its_names_loopback(monkeypatch):
+    """Issue 14: a stock Debian node maps its own name to 127.0.1.1, which no login node reaches."""
+    monkeypatch.setattr(socket, "gethostname", lambda: "node1")
+    monkeypatch.setattr("repo2singularity.launchers.slurm.resolve", lambda name: {"node1": "127.0.1.1", "login": "10.9.8.1"}.get(name))
+    monkeypatch.setattr("repo2singularity.launchers.slurm.route_source", lambda address: {"10.9.8.1": "10.9.8.3"}.get(address, "127.0.0.1"))
+    monkeypatch.setattr("repo2singularity.launchers.slurm.own_addresses", lambda: ["127.0.0.1", "10.9.8.3"])
+    monkeypatch.setattr("repo2singularity.launchers.slurm.slurm_node_address", lambda node: None)
+    assert reachable_address("login", "node1") == "10.9.8.3"
+    # the submit host cannot be resolved here: an interface's address, not the name's 127.0.1.1
+    assert reachable_address("elsewhere", "node1") == "10.9.8.3"
+    # submitted from this very host: loopback is reachable from there
+    assert reachable_address("node1", "node1") == "127.0.0.1"
+
+
 def test_age_listing_and_tunnel():
     started = datetime(2026, 1, 1, tzinfo=timezone.utc)
     assert servers.age(started.isoformat(), started + timedelta(seconds=42)) == "42s"
@@ -104,8 +119,8 @@ def test_age_listing_and_tunnel():
 
 
 def test_relaunch_retires_the_previous_local_server_and_stop_marks_it_ended(tmp_path):
-    def started(folder):
-        process = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    def launched_in(folder):
+        process = started(["sleep", "60"], start_new_session=True)
         # what the local launcher records of the server it started
         identity = ProcessIdentity.of(process.pid).record()
         connection = {"launched_on": "local", "pid": process.pid, "process": identity, "url": "http://127.0.0.1:1/", "started": jupyter.now()}
@@ -114,13 +129,13 @@ def test_relaunch_retires_the_previous_local_server_and_stop_marks_it_ended(tmp_
 
     folder = tmp_path / "results" / "x" / ("0" * 40)
     folder.mkdir(parents=True)
-    first, _ = started(folder)
+    first, _ = launched_in(folder)
     # Snakemake deletes launch.json before it reruns the launch; the record remains
     (folder / "launch.json").unlink()
     servers.retire_previous(folder / "launch.json")
     assert first.wait(timeout=30) is not None
     assert json.loads((folder / "launch.ended.json").read_text())["replaced"] is True
-    second, connection = started(folder)
+    second, connection = launched_in(folder)
     assert [row["state"] for row in servers.server_rows(tmp_path / "results")] == ["running"]
     assert servers.stop_all(tmp_path / "results") == [(folder / "launch.json", True)]
     assert second.wait(timeout=30) is not None
@@ -261,7 +276,8 @@ def test_launch_json_names_node_port_job_and_tunnel(launched):
     assert stat.S_IMODE(launch_file.stat().st_mode) == 0o600
     assert stat.S_IMODE(Path(connection["log"]).stat().st_mode) == 0o600
     assert connection["launched_on"] == "slurm"
-    assert connection["host"] == node_address(connection["node"]) != "0.0.0.0"
+    # the server listens on one address of its node, the one this host reaches it by
+    assert connection["host"] in own_addresses() and connection["host"] != "0.0.0.0"
     state, node = slurm.job_state(connection["slurm_job_id"])
     assert (state, node) == ("RUNNING", connection["node"])
     assert connection["ssh_tunnel"].startswith(f"ssh -N -L {connection['port']}:{connection['host']}:{connection['port']} ")

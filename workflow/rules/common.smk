@@ -10,7 +10,8 @@ min_version("9.0")
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow" / "scripts"))
 
-from repo2singularity import PROGRAM, builders, builds, servers
+from repo2singularity import PROGRAM, builders, builds, results, servers
+from repo2singularity.repository import redact_url
 
 RESULTS = "results"
 SCRIPTS = "../scripts"
@@ -41,6 +42,12 @@ try:
     )
 except builds.InvalidInput as error:
     fail(str(error))
+
+# every job's script gets the configuration pickled into .snakemake/scripts/, which a killed
+# workflow leaves behind: it keeps the repository without credentials (the clone gets them from
+# the build's Repository)
+if config.get("repo"):
+    config["repo"] = redact_url(str(config["repo"]))
 
 
 wildcard_constraints:
@@ -120,6 +127,11 @@ def get_step_log(step):
 
 def get_step_benchmark(step):
     return f"{RESULTS}/{{name}}/{{sha}}/benchmarks/{step}.tsv"
+
+
+def get_launch_runtime_args(wildcards):
+    """The config's `launch_runtime_args`, then the image's own `runtime_options` (manifest)."""
+    return [*config["launch_runtime_args"], *get_build(wildcards).runtime_options]
 
 
 def get_image_tag(wildcards):

@@ -21,7 +21,7 @@ rule launch_jupyter:
         # read by the launcher from the configuration; here so that a change relaunches
         launch_on=config["launch_on"],
         slurm={key: config[key] for key in config if key.startswith("slurm_")},
-        runtime_args=config["launch_runtime_args"],
+        runtime_args=get_launch_runtime_args,
         binds=config["launch_binds"],
     script:
         f"{SCRIPTS}/launch_jupyter.py"
@@ -64,5 +64,11 @@ onsuccess:
             connection_file = Path(RESULTS, build.name, build.sha, "launch.json")
             if connection_file.exists():
                 print(servers.connection_message(connection_file))
+        # the last lines: where each image's SIF is (a manifest's summary lists them instead)
+        if not settings.from_manifest:
+            for build in get_resolved_builds():
+                line = results.sif_line(RESULTS, build.name, build.sha)
+                if line:
+                    print(line)
     if write_run_summary():
         fail("some images of the manifest failed; see results/summary.md")

@@ -72,6 +72,29 @@ class Repository:
         # whatever prints this object (an error message, a debug log) shows no credentials
         return f"Repository({self.display_url!r}, subdir={self.subdir!r})"
 
+    def __reduce__(self):
+        # Snakemake pickles a rule's params into .snakemake/scripts/, and a killed workflow leaves
+        # that file behind: what is pickled names the URL without credentials, and the URL with
+        # them waits in this process's environment, which the job's process inherits
+        if self.url == self.display_url:
+            return (Repository, (self.url, self.subdir))
+        return (repository_from_environment, (self.display_url, self.subdir, stash_url(self.url)))
+
+
+def stash_url(url):
+    import hashlib
+
+    name = f"R2S_REPOSITORY_URL_{hashlib.sha256(url.encode()).hexdigest()[:16]}"
+    os.environ[name] = url
+    return name
+
+
+def repository_from_environment(display_url, subdir, name):
+    url = os.environ.get(name)
+    if url is None:
+        raise RepositoryError(f"the credentials of {display_url} are not in this process's environment; run the workflow again")
+    return Repository(url, subdir)
+
 
 def check_repository(spec, subdir="", base_dirs=(".",)):
     """Validate a repository given by the user; local folders become absolute paths, looked

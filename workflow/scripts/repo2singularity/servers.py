@@ -70,6 +70,8 @@ def running(connection):
 def launched(results, names=None):
     """Every launch.json under results, optionally only of the given image names."""
     for connection_file in sorted(Path(results).glob("*/*/launch.json")):
+        if connection_file.parent.is_symlink():  # results/{name}/latest
+            continue
         if not names or connection_file.parent.parent.name in names:
             yield connection_file
 

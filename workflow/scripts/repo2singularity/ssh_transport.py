@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .files import write_json_atomic
 from .step import StepError
-from .tools import say, start_heartbeat, tail
+from .tools import report_progress, say, tail
 
 CONNECT_TIMEOUT_SECONDS = 15
 PROGRESS_SECONDS = 5
@@ -364,7 +364,7 @@ class SSHTransport:
         """Run a remote command line with its output streamed live into `log_path`, a heartbeat
         on the terminal, and StepError naming the log when it fails."""
         started = time.monotonic()
-        finished = start_heartbeat(step, log_path, where=f" on {self.target.host}")
+        finished = report_progress(step, log_path, where=f" on {self.target.host}")
         pgid = None
         try:
             with open(log_path, "ab") as log, self.guard(step):

@@ -6,6 +6,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ..jupyter import culling_arguments, server_command
+
 
 @dataclass(frozen=True)
 class LaunchRequest:
@@ -23,6 +25,22 @@ class LaunchRequest:
     log: str | None = None
     runtime_args: tuple = ()
     binds: tuple = ()
+
+    def server_command(self, env_file, port, runtime_args=()):
+        """The runtime's command for this server, with the idle shutdown asked for; `port` None
+        leaves address and port to the node (a Slurm job); `runtime_args` come first."""
+        return server_command(
+            self.runtime,
+            self.sandbox,
+            self.image,
+            env_file,
+            self.jupyter_command,
+            port,
+            self.writable,
+            runtime_args=[*runtime_args, *self.runtime_args],
+            jupyter_args=culling_arguments(self.jupyter_command, self.idle_timeout),
+            binds=self.binds,
+        )
 
 
 class Launcher(ABC):

@@ -6,7 +6,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from ..jupyter import POLL_SECONDS, create_owner_only, culling_arguments, note, now, server_command, status, token_file
+from ..jupyter import POLL_SECONDS, create_owner_only, note, now, status, token_file
 from ..processes import LOOPBACK, ProcessIdentity, alive, end_process_group, free_port
 from ..step import StepError
 from ..tools import tail
@@ -24,18 +24,7 @@ class LocalLauncher(Launcher):
         folder = Path(request.connection_file).parent
         env_file = token_file(folder, token)
         log_handle = open(create_owner_only(request.server_log), "ab")
-        command = server_command(
-            request.runtime,
-            request.sandbox,
-            request.image,
-            env_file,
-            request.jupyter_command,
-            port,
-            request.writable,
-            runtime_args=request.runtime_args,
-            jupyter_args=culling_arguments(request.jupyter_command, request.idle_timeout),
-            binds=request.binds,
-        )
+        command = request.server_command(env_file, port)
         note(request.log, f"$ {shlex.join(command)}")
         process = subprocess.Popen(
             command,

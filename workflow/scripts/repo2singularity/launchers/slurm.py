@@ -2,18 +2,22 @@
 the launch waits until it answers, as Open OnDemand does."""
 
 import getpass
+import ipaddress
 import json
 import os
 import secrets
 import shlex
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
+
 from .. import slurm
 from ..files import write_json_atomic, write_text_atomic
-from ..jupyter import OWNER_ONLY, POLL_SECONDS, create_owner_only, culling_arguments, note, now, server_command, status, token_file
+from ..jupyter import OWNER_ONLY, POLL_SECONDS, create_owner_only, note, now, status, token_file
 from ..processes import free_port
 from ..step import StepError
 from ..tools import say, tail
@@ -34,20 +38,67 @@ def ssh_tunnel(host, port, login=None, user=None):
     return f"ssh -N -L {port}:{host}:{port} {user}@{login}"
 
 
-def node_address(name=None):
-    """The IPv4 address this machine's name resolves to: a compute node's own address, so the
-    server listens where the login node can reach it, and not on every interface."""
-    name = name or socket.gethostname()
+def is_loopback(address):
+    return ipaddress.ip_address(address).is_loopback
+
+
+def resolve(name):
     try:
         return socket.getaddrinfo(name, None, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
-    except (socket.gaierror, IndexError):
-        raise StepError(f"the node's name {name!r} does not resolve to an address") from None
+    except (socket.gaierror, IndexError, UnicodeError):
+        return None
+
+
+def route_source(address):
+    """This host's address on the way to `address` (a UDP socket's connect sends nothing)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((address, 9))
+        return probe.getsockname()[0]
+
+
+def same_host(name, other):
+    return name.split(".")[0] == other.split(".")[0]
+
+
+def slurm_node_address(node):
+    """NodeAddr of a node, as slurmctld reaches it."""
+    if not node:
+        return None
+    result = subprocess.run(["scontrol", "show", "node", "--oneliner", node], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    for word in result.stdout.split():
+        if word.startswith("NodeAddr="):
+            return resolve(word.partition("=")[2])
+    return None
+
+
+def own_addresses():
+    return [a.address for addresses in psutil.net_if_addrs().values() for a in addresses if a.family == socket.AF_INET]
+
+
+def reachable_address(submit_host=None, node=None):
+    """An address of this compute node that the login node can reach: the one this node takes
+    to reach the host that submitted the job. Not what the node's own name resolves to: a stock
+    Debian /etc/hosts maps it to 127.0.1.1. Loopback only when the job was submitted from this
+    very host; else Slurm's NodeAddr, else the first address of an interface that is not
+    loopback."""
+    own_name = socket.gethostname()
+    submit_host = submit_host or os.environ.get("SLURM_SUBMIT_HOST", "")
+    target = resolve(submit_host) if submit_host else None
+    if target:
+        source = route_source(target)
+        if not is_loopback(source) or same_host(submit_host, own_name):
+            return source
+    local = own_addresses()
+    for candidate in (slurm_node_address(node or os.environ.get("SLURMD_NODENAME")), resolve(own_name), *local):
+        if candidate and not is_loopback(candidate) and candidate in local:
+            return candidate
+    raise StepError(f"node {own_name} has no address but loopback that the login node {submit_host or '(unknown)'} could reach")
 
 
 def serve(node_file, command):
-    """Inside the Slurm job: pick a free port on this node's address, tell the waiting rule
-    where, then become the server (exec, so Slurm's signals reach it directly)."""
-    host = node_address()
+    """Inside the Slurm job: pick a free port on an address the login node reaches, tell the
+    waiting rule where, then become the server (exec, so Slurm's signals reach it directly)."""
+    host = reachable_address()
     port = free_port(host)
     write_json_atomic(node_file, {"node": socket.gethostname(), "host": host, "port": port}, mode=OWNER_ONLY)
     os.execvp(command[0], [*command, f"--ip={host}", f"--port={port}"])
@@ -79,19 +130,7 @@ class SlurmLauncher(Launcher):
         node_file.unlink(missing_ok=True)
         server_log = Path(request.server_log).resolve()
         create_owner_only(server_log)
-        runtime_args = [*(["--nv"] if settings["gpus"] else []), *request.runtime_args]
-        command = server_command(
-            request.runtime,
-            request.sandbox,
-            request.image,
-            env_file,
-            request.jupyter_command,
-            None,
-            request.writable,
-            runtime_args=runtime_args,
-            jupyter_args=culling_arguments(request.jupyter_command, request.idle_timeout),
-            binds=request.binds,
-        )
+        command = request.server_command(env_file, None, runtime_args=["--nv"] if settings["gpus"] else [])
         script = folder / "jupyter.sbatch"
         write_text_atomic(script, slurm.job_script(sys.executable, SERVE_SCRIPT, node_file, command), mode=0o700)
         submit = slurm.sbatch_command(
