@@ -112,3 +112,14 @@ def test_credentials_in_a_url_never_reach_logs_names_or_labels(tmp_path, repo):
     assert labels["repo2singularity.repo"] == f"http://127.0.0.1:{port}/.git"
     inspect = subprocess.run(["docker", "image", "inspect", f"r2s-private:{sha}"], capture_output=True, text=True).stdout
     assert secret not in inspect
+
+
+def test_a_bare_repository_is_built_from_like_a_work_tree(tmp_path, repo):
+    from naming import default_name
+
+    bare = tmp_path / "mirror.git"
+    repo.git("clone", "--quiet", "--bare", str(repo.path), str(bare))
+    sha = repo.head()
+    name = default_name(str(bare.resolve()))
+    result = snakemake(tmp_path, f"results/{name}/{sha}/source", config={"repo": bare, "ref": "main"})
+    assert (tmp_path / "results" / name / sha / "source" / "Dockerfile").read_text().startswith("FROM debian:bookworm")

@@ -110,19 +110,37 @@ def check_repository(spec, subdir="", base_dirs=(".",)):
 
 
 def local_repository(folder, subdir):
+    """A folder on this machine: a work tree (or a folder in one: that repository, with the
+    folder as subdir), or a git folder itself, such as a bare mirror, which git clones as it is."""
     folder = folder.resolve()
+    where = rev_parse(folder, "--is-inside-git-dir", "--absolute-git-dir").splitlines()
+    if where[0] == "true":
+        git_dir = Path(where[1]).resolve()
+        if git_dir != folder:
+            raise RepositoryError(f"repository not found: {folder} is inside the git folder of {git_dir}; give that folder")
+        return Repository(str(folder), subdir)
+    top = Path(rev_parse(folder, "--show-toplevel").strip()).resolve()
+    inner = folder.relative_to(top).as_posix()
+    inner = "" if inner == "." else inner
+    return Repository(str(top), "/".join(p for p in (inner, subdir) if p))
+
+
+def rev_parse(folder, *options):
     result = subprocess.run(
-        ["git", "-C", str(folder), "rev-parse", "--show-toplevel"],
+        ["git", "-C", str(folder), "rev-parse", *options],
         capture_output=True,
         text=True,
         env=git_environment(),
     )
-    if result.returncode != 0:
-        raise RepositoryError(f"repository not found: {folder} is not in a git repository")
-    top = Path(result.stdout.strip()).resolve()
-    inner = folder.relative_to(top).as_posix()
-    inner = "" if inner == "." else inner
-    return Repository(str(top), "/".join(p for p in (inner, subdir) if p))
+    if result.returncode == 0:
+        return result.stdout
+    if "dubious ownership" in result.stderr:
+        # shared mirrors usually belong to another account, and git reads those only when trusted
+        raise RepositoryError(
+            f"repository {folder} belongs to another user and git does not trust it: "
+            f"git config --global --add safe.directory {folder}"
+        )
+    raise RepositoryError(f"repository not found: {folder} is not in a git repository")
 
 
 def check_subdir(subdir):
