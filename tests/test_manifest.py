@@ -31,13 +31,13 @@ def test_tsv_manifest_with_per_row_settings(tmp_path, repo):
     manifest.write_text(
         "# images we publish\n"
         "name\trepo\tref\trepo2docker_args\n"
-        f"one\t{repo.path}\tmain\t--build-memory-limit 2G\n"
+        f"one\t{repo.path}\tmain\t--build-arg 'GREETING=hello world'\n"
         "\n"
         f"Two\t{repo.path}\n"
     )
     found = load(manifest)
     assert list(found) == ["one", builds.naming.check_name("Two")]
-    assert found["one"].repo2docker_args == ("--build-memory-limit", "2G")
+    assert found["one"].repo2docker_args == ("--build-arg", "GREETING=hello world")
     assert found["one"].ref == "main" and found[builds.naming.check_name("Two")].ref == ""
 
 
@@ -193,3 +193,16 @@ def test_a_long_value_of_the_wrong_type_is_echoed_cut_short(tmp_path, repo):
     problems = problems_of(manifest)
     assert len(problems) == 1 and "is not of type 'array'" in problems[0], problems[0][:300]
     assert len(problems[0]) < len(str(manifest)) + 300 and f"({LONG} characters)" in problems[0]
+
+
+def test_repo2docker_options_outside_the_build_are_refused_with_their_line(tmp_path, repo):
+    manifest = tmp_path / "images.yaml"
+    manifest.write_text(
+        f"- name: fine\n  repo: {repo.path}\n  repo2docker_args: [--build-arg, A=1, --appendix, 'RUN echo hi']\n"  # 1-3
+        f"- name: config\n  repo: {repo.path}\n  repo2docker_args: [--config, /tmp/evil.py]\n"  # 4-6
+        f"- name: forged\n  repo: {repo.path}\n  repo2docker_args:\n    - --appendix\n    - |\n      RUN true\n      LABEL repo2singularity.sha=x\n"
+    )
+    problems = problems_of(manifest)
+    assert len(problems) == 2
+    assert problems[0].startswith(f"{manifest}:4: repo2docker_args: option '--config' is not allowed")
+    assert problems[1].startswith(f"{manifest}:7: repo2docker_args: --appendix: 'LABEL'")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import manifest as manifest_file
 from input_limits import capped, repeated_container, schema_message, shown
+from repo2docker_options import RefusedOption, check_repo2docker_args
 import naming
 from image import image_labels
 from repository import Repository, RepositoryError, check_ref, check_repository, resolve_ref
@@ -61,11 +62,15 @@ def check_build(values, base_dirs, default_repo2docker_args=()):
             f"quote a sha made of digits only: ref=\"'{ref}'\""
         )
     name = naming.check_name(values.get("name") or naming.default_name(repository.url, repository.subdir))
+    try:
+        repo2docker_args = check_repo2docker_args(values.get("repo2docker_args", default_repo2docker_args))
+    except RefusedOption as error:
+        raise InvalidInput(f"repo2docker_args: {error}") from None
     return BuildSpec(
         name,
         repository,
         ref,
-        repo2docker_args=tuple(values.get("repo2docker_args", default_repo2docker_args)),
+        repo2docker_args=repo2docker_args,
         runtime_options=tuple(values.get("runtime_options", ())),
     )
 
@@ -127,6 +132,10 @@ class Settings:
         default_args = tuple(config["repo2docker_args"])
         try:
             if config.get("manifest"):
+                try:
+                    check_repo2docker_args(default_args)  # every row's default: once, not on each row
+                except RefusedOption as error:
+                    raise InvalidInput(capped(f"repo2docker_args of the config: {error}")) from None
                 run_builder = "local" if config.get("builder", "local") in (None, "", "local") else "remote"
                 builds = builds_from_manifest(config["manifest"], manifest_schema, base_dirs, default_args, run_builder)
             else:
