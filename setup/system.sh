@@ -367,22 +367,31 @@ step_base_image() {
 # mounts there), shows the root file system as / with the folders of BOUND_FOLDERS and the
 # account files of this machine, and drops back to the caller, who then enters the working
 # folder: root never creates, mounts or enters anything that the caller named.
-gen_entry_script() {
-    printf '#!/bin/bash\n'
-    printf '# Installed by repo2singularity setup/system.sh; runs as root through sudo, for the members\n'
-    printf '# of the group %s (see %s).\n' "$APPTAINER_GROUP" "$SUDOERS_FILE"
-    printf 'ROOTFS=%s\n' "$ROOTFS"
-    printf 'NAMESPACE_STAGE=%s\n' "$NAMESPACE_STAGE"
+# The start of both root-run stages: strict, a fixed PATH, one-line errors, root via sudo only.
+gen_root_preamble() {
     cat <<'EOF'
 set -euo pipefail
 PATH=/usr/sbin:/usr/bin:/sbin:/bin
 export PATH
 die() { printf 'apptainer (repo2singularity entry): %s\n' "$*" >&2; exit 255; }
 
-[ "$(id -u)" = 0 ] || die "must be started as root through sudo (use the apptainer wrapper)"
+EOF
+    printf '[ "$(id -u)" = 0 ] || die "%s"\n' "$1"
+    cat <<'EOF'
 case "${SUDO_UID:-}:${SUDO_GID:-}" in
     *[!0-9:]*|:*|*:) die "must be started through sudo (SUDO_UID/SUDO_GID missing)" ;;
 esac
+EOF
+}
+
+gen_entry_script() {
+    printf '#!/bin/bash\n'
+    printf '# Installed by repo2singularity setup/system.sh; runs as root through sudo, for the members\n'
+    printf '# of the group %s (see %s).\n' "$APPTAINER_GROUP" "$SUDOERS_FILE"
+    printf 'ROOTFS=%s\n' "$ROOTFS"
+    printf 'NAMESPACE_STAGE=%s\n' "$NAMESPACE_STAGE"
+    gen_root_preamble "must be started as root through sudo (use the apptainer wrapper)"
+    cat <<'EOF'
 [ -x "$ROOTFS/usr/bin/apptainer" ] || die "$ROOTFS has no apptainer; run setup/system.sh install as root"
 # the next stage runs only here, in a mount namespace of its own: no variable or argument of
 # the caller can make it skip the namespace
@@ -402,15 +411,9 @@ gen_namespace_script() {
 # symbolic link swapped in meanwhile, below a folder that only root may enter). Every stage
 # execs, so the pid started by the caller ends up being apptainer itself (signals,
 # stdin/stdout/stderr and exit code pass through).
-set -euo pipefail
-PATH=/usr/sbin:/usr/bin:/sbin:/bin
-export PATH
-die() { printf 'apptainer (repo2singularity entry): %s\n' "$*" >&2; exit 255; }
-
-[ "$(id -u)" = 0 ] || die "must be started by the entry script"
-case "${SUDO_UID:-}:${SUDO_GID:-}" in
-    *[!0-9:]*|:*|*:) die "must be started through sudo (SUDO_UID/SUDO_GID missing)" ;;
-esac
+EOF
+    gen_root_preamble "must be started by the entry script"
+    cat <<'EOF'
 [ "$(readlink /proc/self/ns/mnt)" != "$(readlink /proc/1/ns/mnt)" ] || die "not in a private mount namespace"
 cwd=$(pwd -P 2>/dev/null) || die "the current folder no longer exists"
 cd /
