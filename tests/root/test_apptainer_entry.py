@@ -206,11 +206,12 @@ def odd_folder(accounts, place):
 
     def make(path, mode=0o755, owner=None):
         path = Path(path)
+        missing = [p for p in (path, *path.parents) if not p.exists()]
+        made.append(missing[-1])  # the outermost folder this makes
         path.mkdir(mode=mode, parents=True)
         path.chmod(mode)
         if owner:
             os.chown(path, owner.uid, owner.uid)
-        made.append(path)
         return path
 
     yield make
