@@ -2,7 +2,6 @@
 nothing executed; what is odd but legitimate is handled; credentials never leak."""
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ import uuid
 import pytest
 
 from conftest import GitRepo
+from repo2singularity.processes import free_port
 from workflow_runner import last_line, snakemake
 
 
@@ -62,18 +62,12 @@ def test_hostile_input_is_refused_in_one_line_and_runs_nothing(tmp_path, repo, o
 
 
 def test_unicode_branch_and_name_are_handled(tmp_path, repo):
-    from naming import DOCKER_COMPONENT_PATTERN, check_name
+    from repo2singularity.naming import DOCKER_COMPONENT_PATTERN, check_name
 
     name = check_name("Ünïcode Name")
     assert DOCKER_COMPONENT_PATTERN.fullmatch(name)
     result = snakemake(tmp_path, "-n", "build", config={"repo": repo.path, "ref": "zweig-ünïcode", "name": "Ünïcode Name"})
     assert f"name={name}, sha={repo.head()}" in result.stdout
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.mark.integration
@@ -119,7 +113,7 @@ def test_credentials_in_a_url_never_reach_logs_names_or_labels(tmp_path, repo):
 
 
 def test_a_bare_repository_is_built_from_like_a_work_tree(tmp_path, repo):
-    from naming import default_name
+    from repo2singularity.naming import default_name
 
     bare = tmp_path / "mirror.git"
     repo.git("clone", "--quiet", "--bare", str(repo.path), str(bare))

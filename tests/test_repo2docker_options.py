@@ -3,7 +3,7 @@ anything that could run, mount, push, rename or relabel on the builder is refuse
 
 import pytest
 
-from repo2docker_options import ALLOWED_OPTIONS, RefusedOption, check_repo2docker_args
+from repo2singularity.repo2docker_options import ALLOWED_OPTIONS, RefusedOption, check_repo2docker_args
 
 APPENDIX = "RUN echo one && \\\n    echo two \\  \n    three\n\n# a comment\n  env GREETING=hello\nUSER root\nCOPY --chown=1000:1000 a /b\n"
 

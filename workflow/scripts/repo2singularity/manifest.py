@@ -10,7 +10,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-from input_limits import capped, schema_message
+from .input_limits import capped, schema_message
 
 MAX_ROWS = 10_000
 MAX_BYTES = 16 << 20

@@ -33,7 +33,7 @@ Allowed, and why each is safe:
 
 import re
 
-from input_limits import shown
+from .input_limits import shown
 
 ALLOWED_OPTIONS = ("--build-arg", "--appendix", "--target-repo-dir", "--cache-from")
 ALLOWED_HELP = "allowed: --build-arg, --target-repo-dir, --cache-from, --appendix"
