@@ -44,6 +44,10 @@ HOSTILE = [
     ({"subdir": "../../outside"}, "may not leave the repository"),
     ({"launch_timeout": "[1, 2]"}, "'launch_timeout'"),
     ({"repo2docker_args": "--no-run"}, "'repo2docker_args'"),
+    ({"repo2docker_args": "[--run, --volume, '/:/host', --, sh, -c, 'touch /host/tmp/x']"}, "option '--run' is not allowed"),
+    ({"repo2docker_args": f"[--config, {MARKER}.py]"}, "option '--config' is not allowed"),
+    ({"repo2docker_args": "[--label, repo2singularity.sha=forged]"}, "option '--label' is not allowed"),
+    ({"repo2docker_args": "[--appendix, 'LABEL repo2singularity.sha=forged']"}, "--appendix: 'LABEL'"),
     ({"user_id": 0}, "'user_id'"),
 ]
 
@@ -151,3 +155,31 @@ def test_credentials_in_a_url_never_reach_logs_names_or_labels(tmp_path, repo):
     assert labels["repo2singularity.repo"] == f"http://127.0.0.1:{port}/.git"
     inspect = subprocess.run(["docker", "image", "inspect", f"r2s-private:{sha}"], capture_output=True, text=True).stdout
     assert secret not in inspect
+
+
+def test_a_bare_repository_is_built_from_like_a_work_tree(tmp_path, repo):
+    from repo2singularity.naming import default_name
+
+    bare = tmp_path / "mirror.git"
+    repo.git("clone", "--quiet", "--bare", str(repo.path), str(bare))
+    sha = repo.head()
+    name = default_name(str(bare.resolve()))
+    result = snakemake(tmp_path, f"results/{name}/{sha}/source", config={"repo": bare, "ref": "main"})
+    assert (tmp_path / "results" / name / sha / "source" / "Dockerfile").read_text().startswith("FROM debian:bookworm")
+
+
+def test_repo2docker_options_of_a_manifest_row_are_refused_with_its_line(tmp_path, repo):
+    manifest = tmp_path / "images.tsv"
+    manifest.write_text(
+        "name\trepo\tref\trepo2docker_args\n"
+        f"fine\t{repo.path}\tmain\t--build-arg A=1 --target-repo-dir /srv/repo\n"
+        f"escape\t{repo.path}\tmain\t--run --volume /:/host\n"
+    )
+    result = snakemake(tmp_path, "-n", config={"manifest": manifest}, check=False)
+    assert result.returncode != 0
+    assert last_line(result).startswith(f"{manifest}:3: repo2docker_args: option '--run' is not allowed"), result.stderr[-2000:]
+    # the config's own list is the default of every row: checked once, before the rows
+    manifest.write_text(manifest.read_text().replace("\t--run --volume /:/host", "\t"))
+    assert snakemake(tmp_path, "-n", config={"manifest": manifest}).returncode == 0
+    result = snakemake(tmp_path, "-n", config={"manifest": manifest, "repo2docker_args": "[--push]"}, check=False)
+    assert last_line(result).startswith("repo2singularity: repo2docker_args of the config: option '--push' is not allowed")

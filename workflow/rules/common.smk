@@ -26,7 +26,10 @@ def fail(message):
 
 
 try:
+    builds.check_no_aliases(config)
     validate(config, "../schemas/config.schema.yaml")
+except builds.InvalidInput as error:
+    fail(str(error))
 except WorkflowError as error:
     fail(builds.describe_validation_error(error))
 
