@@ -472,10 +472,11 @@ gen_sudoers() {
 # !use_pty, !pam_session, !pam_setcred: sudo execs the script directly (no sudo process
 # stays in between, signals reach apptainer); umask=0777: keep the caller's umask.
 # glibc removes TMPDIR from the environment of set-uid sudo, so the wrapper also passes it
-# as R2S_CALLER_TMPDIR.
+# as R2S_CALLER_TMPDIR. SSL_CERT_FILE/SSL_CERT_DIR: a registry's CA that the caller trusts
+# (apptainer is a Go program and reads them, as it does when installed natively).
 Defaults!$ENTRY !use_pty, !pam_session, !pam_setcred, !lecture, umask=0777
 Defaults!$ENTRY env_keep += "APPTAINER_* APPTAINERENV_* SINGULARITY_* SINGULARITYENV_*"
-Defaults!$ENTRY env_keep += "TMPDIR HOME R2S_CALLER_TMPDIR"
+Defaults!$ENTRY env_keep += "TMPDIR HOME R2S_CALLER_TMPDIR SSL_CERT_FILE SSL_CERT_DIR"
 ALL ALL=(root) NOPASSWD: $ENTRY
 EOF
 }
