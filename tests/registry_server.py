@@ -58,7 +58,7 @@ def write_key(key, path):
     path.chmod(0o600)
 
 
-class TestCA:
+class CertificateAuthority:
     """A CA of the test's own and a server certificate for 127.0.0.1 and localhost, signed by it."""
 
     def __init__(self, folder):
@@ -186,7 +186,7 @@ class RegistryServer:
         self.log = self.folder / "registry.log"
         config = {
             "version": 0.1,
-            "log": {"level": "warn", "accesslog": {"disabled": True}},
+            "log": {"level": "warn"},
             "storage": {"filesystem": {"rootdirectory": str(self.storage)}, "delete": {"enabled": True}},
             "http": {"addr": f"127.0.0.1:{self.port}"},
         }
