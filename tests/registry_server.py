@@ -7,6 +7,7 @@ import base64
 import datetime
 import ipaddress
 import json
+import multiprocessing
 import socket
 import subprocess
 import threading
@@ -98,7 +99,7 @@ class TokenService:
     service = "r2s-test-registry"
     issuer = "r2s-test-token-service"
 
-    def __init__(self, folder, users):
+    def __init__(self, folder, users, thread=True):
         folder.mkdir(parents=True, exist_ok=True)
         self.users = dict(users)
         self.key = new_key()
@@ -117,8 +118,9 @@ class TokenService:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        self.threaded = thread
+        if thread:  # else the caller serves it, e.g. in a process of its own
+            threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     @property
     def realm(self):
@@ -168,8 +170,17 @@ class TokenService:
         return f"{signed}.{base64url(signature)}"
 
     def stop(self):
-        self.server.shutdown()
+        if self.threaded:
+            self.server.shutdown()
         self.server.server_close()
+
+    def serve_in_process(self):
+        """Serve from a forked process (so that a benchmark's client threads do not share its
+        GIL); returns the process, to be terminated."""
+        process = multiprocessing.get_context("fork").Process(target=self.server.serve_forever, daemon=True)
+        process.start()
+        self.server.socket.close()
+        return process
 
 
 class RegistryServer:
@@ -221,6 +232,8 @@ class RegistryServer:
         return f"oras://{self.host}/{namespace}".rstrip("/")
 
     def start(self):
+        if not Path(REGISTRY_BINARY).exists():
+            raise RuntimeError(f"{REGISTRY_BINARY} is missing: install Debian's docker-registry (as root: bash setup.sh test)")
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
                 [REGISTRY_BINARY, "serve", str(self.config)], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT

@@ -27,6 +27,8 @@ SHA = "0123456789abcdef0123456789abcdef01234567"
 CREDENTIALS_VARIABLE = "R2S_TEST_REGISTRY_CREDENTIALS"
 SETUPS = ("tls-htpasswd", "plain-http")
 
+pytestmark = pytest.mark.integration
+
 
 def commit(number):
     return hashlib.sha1(str(number).encode()).hexdigest()
@@ -106,6 +108,16 @@ class Setup:
         return response
 
 
+def apptainer_login(host, env):
+    """`apptainer registry login` to the TLS registry: apptainer trusts the test's CA through
+    SSL_CERT_FILE, which the sudo rule of the Apptainer wrapper must keep (setup/system.sh)."""
+    result = apptainer("registry", "login", "-u", USER, "--password-stdin", f"oras://{host}", env=env, input=PASSWORD, check=False)
+    hint = ""
+    if "unknown authority" in result.stderr:
+        hint = "\n(apptainer did not get SSL_CERT_FILE: does /etc/sudoers.d/repo2singularity keep it? run setup/system.sh install)"
+    assert result.returncode == 0, f"apptainer registry login failed:\n{result.stderr}{hint}"
+
+
 def apptainer_home(folder, env_extra):
     """An environment in which apptainer keeps its login and cache in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -124,7 +136,7 @@ def setup(request, tmp_path_factory, ca):
     server.start()
     try:
         if request.param == "tls-htpasswd":
-            apptainer("registry", "login", "-u", USER, "--password-stdin", f"oras://{server.host}", env=env, input=PASSWORD)
+            apptainer_login(server.host, env)
         yield Setup(request.param, server, ca if request.param == "tls-htpasswd" else None, env)
     finally:
         server.stop()
@@ -357,7 +369,7 @@ def test_credentials_from_where_users_keep_them(tls_setup, sifs, source, tmp_pat
         else:
             expected_file = home / ".docker" / "config.json"
         env = apptainer_home(home, {"SSL_CERT_FILE": str(tls_setup.ca.ca_file)})
-        apptainer("registry", "login", "-u", USER, "--password-stdin", f"oras://{host}", env=env, input=PASSWORD)
+        apptainer_login(host, env)
         assert host in json.loads(expected_file.read_text())["auths"]
     elif source == "DOCKER_CONFIG":
         environ["DOCKER_CONFIG"] = str(docker_config(tmp_path / "docker" / "config.json", f"https://{host}", USER, PASSWORD).parent)
