@@ -609,21 +609,21 @@ def error_reason(response):
 # ---------------------------------------------------------------- files
 
 
-def temporary_sibling(path, suffix=""):
-    """A fresh name next to `path`, on the same file system, so a rename is atomic."""
+def new_sibling(path, suffix=""):
+    """A new empty file next to `path` (the same file system, so that a rename is atomic), hidden
+    and named as partial: (its path, a binary handle open for writing)."""
     path = Path(path)
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".partial{suffix}", dir=path.parent)
-    os.close(handle)
-    os.unlink(name)
-    return Path(name)
+    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".partial{suffix}", dir=path.parent)
+    os.fchmod(descriptor, 0o644)
+    return Path(name), os.fdopen(descriptor, "wb")
 
 
-def write_text_atomic(path, text, mode=0o644):
-    path = Path(path)
-    partial = temporary_sibling(path)
+def replace_with_text(path, text):
+    """Write `text` to `path` by a rename, so that no reader sees half of it."""
+    partial, handle = new_sibling(path)
     try:
-        with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "w") as handle:
-            handle.write(text)
+        with handle:
+            handle.write(text.encode())
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(partial, path)
@@ -631,12 +631,9 @@ def write_text_atomic(path, text, mode=0o644):
         partial.unlink(missing_ok=True)
 
 
-def sha256_file(path, chunk_size=4 << 20):
-    digest = hashlib.sha256()
+def sha256_file(path):
     with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def checksum_line(hexdigest, sif):
@@ -667,12 +664,12 @@ class Progress:
 
 
 class HashingWriter:
-    """Writes chunks to a new file and hashes them on a thread of its own, while the caller
+    """Writes chunks to a file and hashes them on a thread of its own, while the caller
     receives the next ones: sha256 runs at about the speed of a loopback transfer here, and
     both release the GIL, so the two overlap on two cores (bench/registry.py)."""
 
-    def __init__(self, path, depth=8):
-        self.handle = open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb")
+    def __init__(self, handle, depth=8):
+        self.handle = handle
         self.digest = hashlib.sha256()
         self.chunks = queue.Queue(maxsize=depth)
         self.error = None
@@ -712,7 +709,6 @@ class HashingWriter:
 
     def __exit__(self, *exc):
         self.stop()
-        self.handle.close()
 
 
 class FileSlice(io.RawIOBase):
@@ -882,16 +878,17 @@ class RegistryClient:
             sif.parent.mkdir(parents=True, exist_ok=True)
             if sif.is_file() and sha256_file(sif) == found.sif_sha256:
                 if not checksum.is_file() or checksum.read_text() != checksum_line(found.sif_sha256, sif):
-                    write_text_atomic(checksum, checksum_line(found.sif_sha256, sif))
+                    replace_with_text(checksum, checksum_line(found.sif_sha256, sif))
                 return found
-            partial = temporary_sibling(sif, ".sif")
+            partial, handle = new_sibling(sif, ".sif")
             try:
-                self.download(found, partial)
+                with handle:
+                    self.download(found, handle)
                 checksum.unlink(missing_ok=True)
                 os.replace(partial, sif)
             finally:
                 partial.unlink(missing_ok=True)
-            write_text_atomic(checksum, checksum_line(found.sif_sha256, sif))
+            replace_with_text(checksum, checksum_line(found.sif_sha256, sif))
         except RegistryError as error:
             raise self.failure(error, "pull of", found.reference) from None
         except OSError as error:
@@ -905,7 +902,7 @@ class RegistryClient:
             raise RegistryError(f"pull of oras://{self.settings.reference(name, sha)}: the registry has no such image")
         return self.pull(found, sif, checksum)
 
-    def download(self, found, partial):
+    def download(self, found, handle):
         repository = self.settings.repository(found.name)
         response = self.session.send("GET", f"/v2/{repository}/blobs/{found.sif_digest}", f"repository:{repository}:pull", stream=True)
         limit = float(self.environ.get(RATE_LIMIT_VARIABLE) or 0)
@@ -915,7 +912,7 @@ class RegistryClient:
             if response.status_code != 200:
                 raise RegistryError(f"the SIF blob request answered {error_reason(response)}")
             started = time.monotonic()
-            with HashingWriter(partial) as target:
+            with HashingWriter(handle) as target:
                 try:
                     for chunk in response.iter_content(CHUNK):
                         target.write(chunk)
