@@ -208,6 +208,24 @@ def test_pull_what_apptainer_pushed(setup, sifs, tmp_path):
     assert leftovers(folder) == ["from-apptainer.sif", "from-apptainer.sif.sha256"]
 
 
+def test_a_pull_after_a_kill_between_sif_and_checksum_keeps_the_sif_and_replaces_a_stale_pair(setup, sifs, tmp_path):
+    client = setup.client()
+    client.push(sifs["other"], "rerun", SHA)
+    found = client.lookup_one("rerun", SHA)
+    sif, checksum = tmp_path / "rerun.sif", tmp_path / "rerun.sif.sha256"
+    # an older SIF and the checksum that vouches for it: both give way to the registry's
+    sif.write_bytes(sifs["small"].read_bytes())
+    checksum.write_text(f"{sha256(sifs['small'])}  rerun.sif\n")
+    client.pull(found, sif, checksum)
+    assert sha256(sif) == found.sif_sha256 and checksum.read_text() == f"{found.sif_sha256}  rerun.sif\n"
+    # killed after the SIF took its name, before its checksum was written: the verified SIF stays
+    checksum.unlink()
+    inode = sif.stat().st_ino
+    client.pull(found, sif, checksum)
+    assert sif.stat().st_ino == inode and checksum.read_text() == f"{found.sif_sha256}  rerun.sif\n"
+    assert leftovers(tmp_path) == ["rerun.sif", "rerun.sif.sha256"]
+
+
 def test_parallel_lookup_of_20_images_finds_exactly_the_pushed_half(setup, sifs):
     client = setup.client()
     images = [(f"many{index:02d}", commit(index)) for index in range(20)]
@@ -485,6 +503,7 @@ def test_a_registry_that_does_not_answer_is_one_line(tmp_path):
     "url, problem",
     [
         ("oras://ci:hunter2@registry.example.org/lab", "may not hold credentials"),
+        ("oras://ci:hunter2/x@registry.example.org/lab", "may not hold credentials"),
         ("docker://registry.example.org/lab", "give an oras:// URL"),
         ("oras://registry.example.org/Lab", "not a valid repository name"),
         ("oras://registry example/lab", "is not a host[:port]"),

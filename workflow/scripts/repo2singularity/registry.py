@@ -108,7 +108,7 @@ class RegistrySettings:
         if not separator or scheme != "oras":
             raise InvalidRegistrySetting("registry: give an oras:// URL, e.g. oras://registry.example.org/lab/binder")
         authority, _, path = rest.partition("/")
-        if "@" in authority:
+        if "@" in rest:
             # said without echoing the URL: the part before @ may be a password
             raise InvalidRegistrySetting(
                 "registry: the URL may not hold credentials (user:password@); use `apptainer registry login`, "
