@@ -2,15 +2,17 @@
 (this machine is noisy, so only ratios taken in the same run mean anything):
 
 1. pulling a SIF of the example's size (a SIF made by apptainer around random bytes) with the
-   client (sha256 on the way, fsync, rename, checksum file) against `curl` of the same blob, and
-   against `apptainer pull oras://`; pushing it against `apptainer push`. Goal: pull >= 0.8x curl;
+   client (manifest lookup, sha256 on the way, fsync, rename, checksum file) against `curl` of
+   the same blob, and against `apptainer pull oras://`; pushing it against `apptainer push`.
+   Goal: pull >= 0.8x curl's throughput. Shown as the median and the best of the rounds: on a
+   machine shared with other work the best tells what each can do, the median what it did;
 2. looking up 100 images that are all present: in parallel (one client, a bounded pool, as the
    workflow would) against one after another, in plain HTTP, with TLS + htpasswd, and with
    bearer tokens (a token per repository, as from GitHub's or Docker Hub's registries).
 
 The registry is Debian's docker-registry (tests/registry_server.py), on 127.0.0.1. Run it as the
 account that runs the workflow (Apptainer runs as itself):
-    .venv/bin/python bench/registry.py [--size-mb 260] [--rounds 3] [--images 100]
+    .venv/bin/python bench/registry.py [--size-mb 260] [--rounds 5] [--images 100]
 """
 
 import argparse
@@ -65,7 +67,7 @@ def client_for(host, ca=None, workers=registry.LOOKUP_WORKERS, namespace="lab"):
 
 
 def transfers(scratch, size, rounds):
-    """Median seconds of each way to move the SIF, measured alternately."""
+    """Seconds of each way to move the SIF, measured alternately, `rounds` times each."""
     sif = make_sif(scratch / "example.sif", size)
     digest = hashlib.sha256(sif.read_bytes()).hexdigest()
     server = RegistryServer(scratch / "transfer-registry").start()
@@ -73,29 +75,26 @@ def transfers(scratch, size, rounds):
     out = scratch / "out"
     times = {"client pull": [], "curl": [], "apptainer pull": [], "client push": [], "apptainer push": []}
     try:
-        client = client_for(server.host, namespace="bench")
         for index in range(rounds):
             for folder in (out, scratch / "cache"):
                 shutil.rmtree(folder, ignore_errors=True)
                 folder.mkdir()
             name = f"pushed{index}"
+            # a fresh client each time, as a workflow step would have
             times["client push"].append(timed(lambda: client_for(server.host, namespace="bench").push(sif, name, SHA)))
-            times["apptainer push"].append(
-                timed(lambda: subprocess.run(["apptainer", "push", str(sif), f"{server.url('bench')}/by-apptainer{index}:{SHA}"], env=env, check=True, capture_output=True))
-            )
-            found = client.lookup_one(name, SHA)
+            apptainer_push = ["apptainer", "push", str(sif), f"{server.url('bench')}/by-apptainer{index}:{SHA}"]
+            times["apptainer push"].append(timed(lambda: subprocess.run(apptainer_push, env=env, check=True, capture_output=True)))
             blob_url = f"{server.base_url}/v2/bench/{name}/blobs/sha256:{digest}"
             times["curl"].append(timed(lambda: subprocess.run(["curl", "-sSf", "-o", str(out / "curl.sif"), blob_url], check=True)))
-            times["client pull"].append(timed(lambda: client_for(server.host, namespace="bench").pull(found, out / "client.sif", out / "client.sif.sha256")))
-            times["apptainer pull"].append(
-                timed(lambda: subprocess.run(["apptainer", "pull", "--disable-cache", str(out / "apptainer.sif"), f"{server.url('bench')}/{name}:{SHA}"], env=env, check=True, capture_output=True))
-            )
+            times["client pull"].append(timed(lambda: client_for(server.host, namespace="bench").pull_image(name, SHA, out / "client.sif", out / "client.sif.sha256")))
+            apptainer_pull = ["apptainer", "pull", "--disable-cache", str(out / "apptainer.sif"), f"{server.url('bench')}/{name}:{SHA}"]
+            times["apptainer pull"].append(timed(lambda: subprocess.run(apptainer_pull, env=env, check=True, capture_output=True)))
             for copy in ("curl.sif", "client.sif", "apptainer.sif"):
                 if hashlib.sha256((out / copy).read_bytes()).hexdigest() != digest:
                     sys.exit(f"{copy} is not the pushed SIF")
     finally:
         server.stop()
-    return {key: statistics.median(values) for key, values in times.items()}
+    return times
 
 
 class DelayRelay:
@@ -182,7 +181,7 @@ def check_all_found(found, expected):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mb", type=float, default=260)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--images", type=int, default=100)
     parser.add_argument("--rtt-ms", type=float, default=20, help="round-trip time the relay adds for the lookups")
     args = parser.parse_args()
@@ -195,12 +194,17 @@ def main():
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
-    print(f"SIF of {size / 1e6:.0f} MB over a loopback registry (plain HTTP); median of {args.rounds} rounds, taken alternately")
-    for label, seconds in moved.items():
-        print(f"  {label:16} {seconds:6.2f} s  {size / seconds / 1e6:7.0f} MB/s")
-    print(f"  client pull: {moved['curl'] / moved['client pull']:.2f}x curl's throughput (goal >= 0.80x), "
-          f"{moved['apptainer pull'] / moved['client pull']:.2f}x apptainer pull's")
-    print(f"  client push: {moved['apptainer push'] / moved['client push']:.2f}x apptainer push's throughput")
+    print(f"SIF of {size / 1e6:.0f} MB over a loopback registry (plain HTTP); {args.rounds} rounds, taken alternately")
+    print(f"  {'':16} {'median':>8} {'best':>8}")
+    for label, values in moved.items():
+        print(f"  {label:16} {statistics.median(values):7.2f}s {min(values):7.2f}s  ({size / statistics.median(values) / 1e6:.0f} MB/s median)")
+    for measure in (statistics.median, min):
+        seconds = {label: measure(values) for label, values in moved.items()}
+        print(
+            f"  {measure.__name__:6}: client pull {seconds['curl'] / seconds['client pull']:.2f}x curl's throughput (goal >= 0.80x), "
+            f"{seconds['apptainer pull'] / seconds['client pull']:.2f}x apptainer pull's; "
+            f"client push {seconds['apptainer push'] / seconds['client push']:.2f}x apptainer push's"
+        )
     print(f"\nlooking up {args.images} images that are all present (a fresh client each round, {registry.LOOKUP_WORKERS} workers)")
     print(f"  {'':34} {'parallel':>9} {'one by one':>11} {'ratio':>6}")
     for label, (parallel, sequential) in looked_up.items():
