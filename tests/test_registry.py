@@ -468,7 +468,8 @@ def test_bearer_tokens_from_the_registry_token_service(token_setup, sifs, tmp_pa
 def test_a_chunked_upload_is_what_apptainer_pulls(tmp_path, sifs):
     with RegistryServer(tmp_path / "registry") as server:
         setup = Setup("plain-http", server, None, apptainer_home(tmp_path / "home", {}))
-        setup.client(upload_chunk=16_384).push(sifs["small"], "chunked", SHA)
+        # plain HTTP as the setting asks (apptainer's --no-https), not as the loopback fallback
+        setup.client(upload_chunk=16_384, settings={"plain_http": True}).push(sifs["small"], "chunked", SHA)
         chunks = -(-sifs["small"].stat().st_size // 16_384)
         assert server.log.read_text().count("PATCH /v2/lab/binder/chunked/blobs/uploads/") == chunks > 1
         apptainer("pull", str(tmp_path / "chunked.sif"), setup.oras("chunked", SHA), env=setup.apptainer_env)
@@ -532,3 +533,14 @@ def test_challenge_and_auth_file_keys_are_read_as_registries_write_them():
     assert registry.parse_challenge('Basic realm="r2s"') == ("basic", {"realm": "r2s"})
     for key in ("registry.example.org:5000", "https://registry.example.org:5000/v2/", "http://Registry.example.org:5000/v1/"):
         assert registry.normal_auth_key(key) == "registry.example.org:5000"
+
+
+def test_credentials_found_print_without_their_secret(tmp_path):
+    settings = registry.RegistrySettings.from_url("oras://registry.example.org/lab", credentials_variable="CI_LOGIN")
+    docker_config(tmp_path / ".docker" / "config.json", "registry.example.org", "ci", "hunter2-secret")
+    for environ in ({"HOME": str(tmp_path)}, {"HOME": str(tmp_path), "CI_LOGIN": "ci:hunter2-secret"}):
+        credential = registry.CredentialFinder(settings, environ).find()
+        assert credential.password == "hunter2-secret"
+        assert "hunter2" not in repr(credential) and "hunter2" not in repr(settings)
+    token = registry.CredentialFinder(settings, {"CI_LOGIN": "ghp_only-a-token"}).find()
+    assert token.token == "ghp_only-a-token" and "ghp_" not in repr(token)
