@@ -442,6 +442,8 @@ class RegistrySession:
             if response.status_code == 401:
                 self.challenge = parse_challenge(response.headers.get("WWW-Authenticate"))
                 self.check_credential(base)
+            elif response.status_code == 400 and base.startswith("http:"):
+                raise RegistryError("GET /v2/ in plain HTTP answered HTTP 400: does the registry speak HTTPS? (registry_plain_http)")
             elif response.status_code != 200:
                 raise RegistryError(f"GET /v2/ answered HTTP {response.status_code}: not an OCI registry (API v2)?")
             self.base = base
