@@ -18,6 +18,7 @@ account that runs the workflow (Apptainer runs as itself):
 import argparse
 import hashlib
 import os
+import resource
 import shutil
 import socket
 import statistics
@@ -59,6 +60,20 @@ def timed(function):
     return time.monotonic() - started
 
 
+def cpu_seconds():
+    """CPU time (user + system) of this process and of its finished children."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def measured(times, cpu, label, function):
+    """Wall and CPU seconds of `function`: the CPU time tells the cost apart from the waiting,
+    which other work on a shared machine stretches."""
+    before = cpu_seconds()
+    times[label].append(timed(function))
+    cpu[label].append(cpu_seconds() - before)
+
+
 def client_for(host, ca=None, workers=registry.LOOKUP_WORKERS, namespace="lab"):
     settings = registry.RegistrySettings.from_url(
         f"oras://{host}/{namespace}", mode="push", credentials_variable=VARIABLE, ca_file=str(ca.ca_file) if ca else ""
@@ -74,6 +89,7 @@ def transfers(scratch, size, rounds):
     env = {**os.environ, "HOME": str(scratch / "home"), "APPTAINER_CACHEDIR": str(scratch / "cache")}
     out = scratch / "out"
     times = {"client pull": [], "curl": [], "apptainer pull": [], "client push": [], "apptainer push": []}
+    cpu = {label: [] for label in times}
     try:
         for index in range(rounds):
             for folder in (out, scratch / "cache"):
@@ -81,20 +97,21 @@ def transfers(scratch, size, rounds):
                 folder.mkdir()
             name = f"pushed{index}"
             # a fresh client each time, as a workflow step would have
-            times["client push"].append(timed(lambda: client_for(server.host, namespace="bench").push(sif, name, SHA)))
+            measured(times, cpu, "client push", lambda: client_for(server.host, namespace="bench").push(sif, name, SHA))
             apptainer_push = ["apptainer", "push", str(sif), f"{server.url('bench')}/by-apptainer{index}:{SHA}"]
-            times["apptainer push"].append(timed(lambda: subprocess.run(apptainer_push, env=env, check=True, capture_output=True)))
+            measured(times, cpu, "apptainer push", lambda: subprocess.run(apptainer_push, env=env, check=True, capture_output=True))
             blob_url = f"{server.base_url}/v2/bench/{name}/blobs/sha256:{digest}"
-            times["curl"].append(timed(lambda: subprocess.run(["curl", "-sSf", "-o", str(out / "curl.sif"), blob_url], check=True)))
-            times["client pull"].append(timed(lambda: client_for(server.host, namespace="bench").pull_image(name, SHA, out / "client.sif", out / "client.sif.sha256")))
+            measured(times, cpu, "curl", lambda: subprocess.run(["curl", "-sSf", "-o", str(out / "curl.sif"), blob_url], check=True))
+            pull = client_for(server.host, namespace="bench").pull_image
+            measured(times, cpu, "client pull", lambda: pull(name, SHA, out / "client.sif", out / "client.sif.sha256"))
             apptainer_pull = ["apptainer", "pull", "--disable-cache", str(out / "apptainer.sif"), f"{server.url('bench')}/{name}:{SHA}"]
-            times["apptainer pull"].append(timed(lambda: subprocess.run(apptainer_pull, env=env, check=True, capture_output=True)))
+            measured(times, cpu, "apptainer pull", lambda: subprocess.run(apptainer_pull, env=env, check=True, capture_output=True))
             for copy in ("curl.sif", "client.sif", "apptainer.sif"):
                 if hashlib.sha256((out / copy).read_bytes()).hexdigest() != digest:
                     sys.exit(f"{copy} is not the pushed SIF")
     finally:
         server.stop()
-    return times
+    return times, cpu
 
 
 class DelayRelay:
@@ -189,15 +206,18 @@ def main():
 
     scratch = Path(tempfile.mkdtemp(prefix="r2s-bench-registry-"))
     try:
-        moved = transfers(scratch, size, args.rounds)
+        moved, cpu = transfers(scratch, size, args.rounds)
         looked_up = lookups(scratch, args.images, args.rounds, args.rtt_ms / 1000)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
     print(f"SIF of {size / 1e6:.0f} MB over a loopback registry (plain HTTP); {args.rounds} rounds, taken alternately")
-    print(f"  {'':16} {'median':>8} {'best':>8}")
+    print(f"  {'':16} {'median':>8} {'best':>8} {'CPU':>7}")
     for label, values in moved.items():
-        print(f"  {label:16} {statistics.median(values):7.2f}s {min(values):7.2f}s  ({size / statistics.median(values) / 1e6:.0f} MB/s median)")
+        print(
+            f"  {label:16} {statistics.median(values):7.2f}s {min(values):7.2f}s {statistics.median(cpu[label]):6.2f}s"
+            f"  ({size / statistics.median(values) / 1e6:.0f} MB/s median)"
+        )
     for measure in (statistics.median, min):
         seconds = {label: measure(values) for label, values in moved.items()}
         print(

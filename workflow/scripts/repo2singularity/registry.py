@@ -61,7 +61,6 @@ LOOKUP_WORKERS = 8
 CHUNK = 1 << 20
 MAX_MANIFEST_BYTES = 4 << 20
 PROGRESS_SECONDS = 5
-SYNC_BYTES = 64 << 20
 # the same test aid (and way to share a thin link) as the builder's downloads: bytes per second
 RATE_LIMIT_VARIABLE = "R2S_DOWNLOAD_LIMIT_BPS"
 
@@ -669,16 +668,13 @@ class Progress:
 class HashingWriter:
     """Writes chunks to a file and hashes them on a thread of its own, while the caller
     receives the next ones: sha256 runs at about the speed of a loopback transfer here, and
-    both release the GIL, so the two overlap on two cores (bench/registry.py). What is written
-    goes to disk every SYNC_BYTES, so that the fsync at the end, which a verified SIF needs
-    before it takes its name, does not wait for all of it at once."""
+    both release the GIL, so the two overlap on two cores (bench/registry.py)."""
 
     def __init__(self, handle, depth=32):
         self.handle = handle
         self.digest = hashlib.sha256()
         self.chunks = queue.Queue(maxsize=depth)
         self.error = None
-        self.unsynced = 0
         self.thread = threading.Thread(target=self.work, daemon=True)
         self.thread.start()
 
@@ -688,11 +684,6 @@ class HashingWriter:
                 try:
                     self.handle.write(chunk)
                     self.digest.update(chunk)
-                    self.unsynced += len(chunk)
-                    if self.unsynced >= SYNC_BYTES:
-                        self.handle.flush()
-                        os.fdatasync(self.handle.fileno())
-                        self.unsynced = 0
                 except OSError as error:
                     self.error = error
 
@@ -702,7 +693,8 @@ class HashingWriter:
         self.chunks.put(chunk)
 
     def finish(self):
-        """Wait for what was written, flush it to disk, and give the sha256 (hex)."""
+        """Wait for what was written, flush it to disk (a SIF that takes its name must be there
+        whole, also after a crash), and give the sha256 (hex)."""
         self.stop()
         if self.error:
             raise self.error
