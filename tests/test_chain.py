@@ -14,6 +14,7 @@ import pytest
 
 from conftest import PROJECT
 from jupyter_client import api, execute
+from repo2singularity.processes import alive
 from workflow_runner import snakemake
 
 RUNTIME = os.environ.get("R2S_RUNTIME") or "apptainer"
@@ -22,11 +23,7 @@ pytestmark = pytest.mark.integration
 
 def process_gone(pid):
     """True when `pid` no longer runs (a zombie waiting for a non-reaping init counts as gone)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return True
-    return state in ("Z", "X")
+    return not alive(pid)
 
 
 def runtime(*args, check=True):

@@ -2,7 +2,6 @@
 nothing executed; what is odd but legitimate is handled; credentials never leak."""
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ import uuid
 import pytest
 
 from conftest import GitRepo
+from repo2singularity.processes import free_port
 from workflow_runner import last_line, snakemake
 
 
@@ -58,18 +58,12 @@ def test_hostile_input_is_refused_in_one_line_and_runs_nothing(tmp_path, repo, o
 
 
 def test_unicode_branch_and_name_are_handled(tmp_path, repo):
-    from naming import DOCKER_COMPONENT_PATTERN, check_name
+    from repo2singularity.naming import DOCKER_COMPONENT_PATTERN, check_name
 
     name = check_name("Ünïcode Name")
     assert DOCKER_COMPONENT_PATTERN.fullmatch(name)
     result = snakemake(tmp_path, "-n", "build", config={"repo": repo.path, "ref": "zweig-ünïcode", "name": "Ünïcode Name"})
     assert f"name={name}, sha={repo.head()}" in result.stdout
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.mark.integration

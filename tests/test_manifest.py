@@ -2,8 +2,8 @@
 
 import pytest
 
-import builds
-from manifest import ManifestError
+from repo2singularity import builds
+from repo2singularity.manifest import ManifestError
 from workflow_runner import PROJECT, last_line, snakemake
 
 SCHEMA = PROJECT / "workflow" / "schemas" / "manifest.schema.yaml"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from repository import (
+from repo2singularity.repository import (
     Repository,
     RepositoryError,
     check_ref,

@@ -6,9 +6,12 @@ import stat
 
 import pytest
 
-from jupyter_launch import server_command
-from runtime import choose_compression, compression_arguments
-from steps import StepError, run_logged, write_json_atomic
+from repo2singularity import step as steps
+from repo2singularity.files import write_json_atomic
+from repo2singularity.jupyter import server_command
+from repo2singularity.runtime import choose_compression, compression_arguments
+from repo2singularity.step import StepError
+from repo2singularity.tools import run_logged
 
 
 def test_auto_compression_is_zstd_where_the_runtime_takes_mksquashfs_args():
@@ -59,8 +62,6 @@ def test_sigterm_while_a_tool_starts_is_held_until_the_tool_can_be_stopped(tmp_p
     import signal
     import time
 
-    import steps
-
     previous = signal.signal(signal.SIGTERM, steps.stop_on_signal)
     try:
         with steps.signals_deferred():
@@ -99,15 +100,15 @@ def test_a_tool_deaf_to_the_first_sigterm_is_still_stopped_despite_a_second_one(
     script.write_text(
         "import os, signal, sys, threading, time\n"
         f"sys.path.insert(0, {str(scripts)!r})\n"
-        "import steps\n"
-        "signal.signal(signal.SIGTERM, steps.stop_on_signal)\n"
+        "from repo2singularity import step, tools\n"
+        "signal.signal(signal.SIGTERM, step.stop_on_signal)\n"
         "def twice():\n"
         "    for pause in (0.5, 0.3):\n"
         "        time.sleep(pause)\n"
         "        os.kill(os.getpid(), signal.SIGTERM)\n"
         "threading.Thread(target=twice, daemon=True).start()\n"
         "try:\n"
-        f"    steps.run_logged(['sh', '-c', \"trap '' TERM; sleep 2; trap - TERM; sleep 300.7\"], {str(tmp_path / 'log')!r}, 'step')\n"
+        f"    tools.run_logged(['sh', '-c', \"trap '' TERM; sleep 2; trap - TERM; sleep 300.7\"], {str(tmp_path / 'log')!r}, 'step')\n"
         "except SystemExit:\n"
         "    print('stopped', flush=True)\n"
     )

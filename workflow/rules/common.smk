@@ -10,7 +10,7 @@ min_version("9.0")
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow" / "scripts"))
 
-import builds
+from repo2singularity import PROGRAM, builders, builds, servers
 
 RESULTS = "results"
 SCRIPTS = "../scripts"
@@ -21,7 +21,7 @@ CALL_STAMP = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
 
 def fail(message):
     """Stop before anything runs, with one line instead of a traceback."""
-    sys.exit(f"{builds.PROGRAM}: {message}")
+    sys.exit(f"{PROGRAM}: {message}")
 
 
 try:
@@ -131,10 +131,14 @@ def write_run_summary():
     images that failed."""
     if not (settings.from_manifest and get_resolution.cache_info().currsize):
         return 0
-    import summary
+    from repo2singularity import summary
 
     failed = summary.write_summary(
-        RESULTS, get_resolution(), get_sifs_before_run(), RUN_STARTED
+        RESULTS,
+        get_resolution(),
+        get_sifs_before_run(),
+        RUN_STARTED,
+        BUILDER.saved_image_file,
     )
     print(Path(RESULTS, "summary.md").read_text())
     return failed

@@ -4,12 +4,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import manifest as manifest_file
-import naming
-from image import image_labels
-from repository import Repository, RepositoryError, check_ref, check_repository, resolve_ref
+from . import manifest as manifest_file
+from . import naming
+from .image import image_labels
+from .repository import Repository, RepositoryError, check_ref, check_repository, resolve_ref
 
-PROGRAM = "repo2singularity"
 NAME_PATTERN = r"[a-z0-9][a-z0-9._-]*"
 
 
@@ -105,8 +104,8 @@ class Settings:
     jupyter_command: tuple
     launch_timeout: int
     launch_writable: bool
-    resolve_connections: int = 8
-    keep_sifs: int = 3
+    resolve_connections: int
+    keep_sifs: int
     from_manifest: bool = False
     builds: dict = field(default_factory=dict)
 

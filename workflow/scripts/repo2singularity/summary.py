@@ -5,15 +5,18 @@ import csv
 import time
 from pathlib import Path
 
-from steps import tail, write_json_atomic, write_text_atomic
+from .files import write_json_atomic, write_text_atomic
+from .tools import tail
 
-# each step's output, in chain order: the first one missing names the step that failed
-STEP_OUTPUTS = (
-    ("clone_source", "source"),
-    ("build_image", "image.json"),
-    ("save_image", "image.tar"),
-    ("build_sif", "{name}.sif"),
-)
+def step_outputs(saved_image):
+    """Each step's output, in chain order: the first one missing names the step that failed.
+    `saved_image`: the file that stands for the saved image (the builder's saved_image_file)."""
+    return (
+        ("clone_source", "source"),
+        ("build_image", "image.json"),
+        ("save_image", saved_image),
+        ("build_sif", "{name}.sif"),
+    )
 
 
 def sif_path(results, name, sha):
@@ -32,8 +35,8 @@ def step_seconds(folder, since):
     return round(total, 1)
 
 
-def failed_step(folder, name):
-    for step, output in STEP_OUTPUTS:
+def failed_step(folder, name, saved_image):
+    for step, output in step_outputs(saved_image):
         if step == "save_image" and (folder / f"{name}.sif").exists():
             continue  # the saved image is temporary: gone once the SIF exists
         if not (folder / output.format(name=name)).exists():
@@ -41,7 +44,7 @@ def failed_step(folder, name):
     return None
 
 
-def image_rows(results, resolution, sifs_before, started):
+def image_rows(results, resolution, sifs_before, started, saved_image):
     rows = []
     for build in resolution.builds:
         folder = Path(results, build.name, build.sha)
@@ -51,7 +54,7 @@ def image_rows(results, resolution, sifs_before, started):
             row["seconds"] = step_seconds(folder, started)
             row["sif_bytes"] = sif_path(results, build.name, build.sha).stat().st_size
         else:
-            step = failed_step(folder, build.name) or "build_sif"
+            step = failed_step(folder, build.name, saved_image) or "build_sif"
             log = (folder / "logs" / f"{step}.log").resolve()
             row.update(status="failed", step=step, log=str(log), error=tail(log, 5) or "(no log: not started)")
             row["seconds"] = step_seconds(folder, started)
@@ -82,10 +85,10 @@ def markdown(rows, elapsed):
     return "\n".join(lines) + "\n"
 
 
-def write_summary(results, resolution, sifs_before, started):
+def write_summary(results, resolution, sifs_before, started, saved_image):
     """Write results/summary.json and results/summary.md; return the number of failures."""
     elapsed = time.time() - started
-    rows = image_rows(results, resolution, sifs_before, started)
+    rows = image_rows(results, resolution, sifs_before, started, saved_image)
     failed = sum(row["status"] == "failed" for row in rows)
     write_json_atomic(Path(results, "summary.json"), {"images": rows, "failed": failed, "seconds": round(elapsed, 1)})
     write_text_atomic(Path(results, "summary.md"), markdown(rows, elapsed))
@@ -116,17 +119,6 @@ def image_card(name, sha, receipt, sif, benchmarks):
     return f"<table>{cells}</table>\n"
 
 
-if "snakemake" in globals():
-    from steps import main
 
-    def write_card():
-        card = image_card(
-            snakemake.wildcards.name,
-            snakemake.wildcards.sha,
-            snakemake.input.receipt,
-            snakemake.input.sif,
-            snakemake.params.benchmarks,
-        )
-        write_text_atomic(snakemake.output.card, card)
-
-    main("describe_image", write_card)
+def write_card(name, sha, receipt, sif, benchmarks, card):
+    write_text_atomic(card, image_card(name, sha, receipt, sif, benchmarks))

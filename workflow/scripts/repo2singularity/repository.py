@@ -310,3 +310,15 @@ def fetch_commit(repository, sha, partial):
     if repository.subdir and not (partial / repository.subdir).is_dir():
         raise RepositoryError(f"subdir {repository.subdir!r} does not exist at commit {sha[:12]}")
 
+
+
+def clone_logged(repository, sha, destination, log):
+    """clone_commit with what it did in the step's log; RepositoryError in one line."""
+    with open(log, "a") as handle:
+        print(f"cloning {repository.display_url} at {sha}", file=handle, flush=True)
+        try:
+            clone_commit(repository, sha, destination)
+        except RepositoryError as error:
+            print(error, file=handle)
+            raise
+        print(f"checked out into {destination}", file=handle)
