@@ -14,7 +14,8 @@ application/vnd.sylabs.sif.layer.v1.sif whose digest is the SIF's sha256.
 
 Credentials are read at run time from where users keep them (see CredentialFinder), never from
 the config: a RegistrySettings carries no secret and may be pickled by Snakemake.
-Only `requests` and the standard library are used."""
+Beside the package's own files and repository helpers, only `requests` and the standard library
+are used."""
 
 import base64
 import hashlib
@@ -26,7 +27,6 @@ import queue
 import re
 import ssl
 import sys
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -35,6 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
+
+from .files import checksum_line, sha256_file, temporary_sibling, write_text_atomic
+from .repository import redact_url
 
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 SIF_CONFIG_TYPE = "application/vnd.sylabs.sif.config.v1+json"
@@ -608,39 +611,7 @@ def error_reason(response):
     return f"HTTP {response.status_code}" + (f" ({codes})" if codes else "")
 
 
-# ---------------------------------------------------------------- files
-
-
-def new_sibling(path, suffix=""):
-    """A new empty file next to `path` (the same file system, so that a rename is atomic), hidden
-    and named as partial: (its path, a binary handle open for writing)."""
-    path = Path(path)
-    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".partial{suffix}", dir=path.parent)
-    os.fchmod(descriptor, 0o644)
-    return Path(name), os.fdopen(descriptor, "wb")
-
-
-def replace_with_text(path, text):
-    """Write `text` to `path` by a rename, so that no reader sees half of it."""
-    partial, handle = new_sibling(path)
-    try:
-        with handle:
-            handle.write(text.encode())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-
-
-def sha256_file(path):
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def checksum_line(hexdigest, sif):
-    """The project's checksum file format (sha256sum's)."""
-    return f"{hexdigest}  {Path(sif).name}\n"
+# ---------------------------------------------------------------- transfers
 
 
 class Progress:
@@ -881,17 +852,17 @@ class RegistryClient:
             sif.parent.mkdir(parents=True, exist_ok=True)
             if sif.is_file() and sha256_file(sif) == found.sif_sha256:
                 if not checksum.is_file() or checksum.read_text() != checksum_line(found.sif_sha256, sif):
-                    replace_with_text(checksum, checksum_line(found.sif_sha256, sif))
+                    write_text_atomic(checksum, checksum_line(found.sif_sha256, sif))
                 return found
-            partial, handle = new_sibling(sif, ".sif")
+            partial = temporary_sibling(sif, ".sif")
             try:
-                with handle:
+                with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb") as handle:
                     self.download(found, handle)
                 checksum.unlink(missing_ok=True)
                 os.replace(partial, sif)
             finally:
                 partial.unlink(missing_ok=True)
-            replace_with_text(checksum, checksum_line(found.sif_sha256, sif))
+            write_text_atomic(checksum, checksum_line(found.sif_sha256, sif))
         except RegistryError as error:
             raise self.failure(error, "pull of", found.reference) from None
         except OSError as error:
@@ -1039,14 +1010,6 @@ def with_query(url, **parameters):
     parsed = urllib.parse.urlsplit(url)
     query = urllib.parse.parse_qsl(parsed.query, keep_blank_values=True) + list(parameters.items())
     return urllib.parse.urlunsplit(parsed._replace(query=urllib.parse.urlencode(query)))
-
-
-def redact_url(url):
-    """A repository URL without user name or password, fit for an annotation."""
-    parsed = urllib.parse.urlsplit(url)
-    if parsed.scheme and "@" in parsed.netloc:
-        return urllib.parse.urlunsplit(parsed._replace(netloc=parsed.netloc.rsplit("@", 1)[1]))
-    return url
 
 
 def push_annotations(repo_url, ref, sha, repo2docker_version):
