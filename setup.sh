@@ -28,6 +28,20 @@ as_account() {
         R2S_RUNTIME="${R2S_RUNTIME:-}" bash -c 'cd "$1" && shift && exec "$@"' _ "$workspace" "$@"
 }
 
+install_without_starting() {
+    # only the program is needed: policy-rc.d keeps the package from starting a system service
+    local package=$1 policy=/usr/sbin/policy-rc.d made_policy=0
+    echo "$package: installing (not started)"
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 0755 "$policy" && made_policy=1
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$package" >/dev/null
+    if [ "$made_policy" = 1 ]; then
+        rm -f "$policy" && trap - EXIT
+    fi
+}
+
 if [ "$action" = check ]; then
     exec bash setup/system.sh check
 fi
@@ -44,21 +58,10 @@ if [ "$(id -u)" -eq 0 ]; then
             mount -t tmpfs -o size=600m,mode=0755 r2s-small "$small"
         fi
         chown "$account:" "$small"
-        # the remote-builder tests run an sshd of their own as the account (tests/test_remote.py);
-        # only the program is needed: policy-rc.d keeps the package from starting a system sshd
-        if [ ! -x /usr/sbin/sshd ]; then
-            echo "openssh-server: installing (not started)"
-            policy=/usr/sbin/policy-rc.d
-            made_policy=0
-            if [ ! -e "$policy" ]; then
-                printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 0755 "$policy" && made_policy=1
-                trap 'rm -f /usr/sbin/policy-rc.d' EXIT
-            fi
-            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssh-server >/dev/null
-            if [ "$made_policy" = 1 ]; then
-                rm -f "$policy" && trap - EXIT
-            fi
-        fi
+        # the remote-builder tests run an sshd of their own as the account (tests/test_remote.py)
+        [ -x /usr/sbin/sshd ] || install_without_starting openssh-server
+        # the registry tests run Debian's registry of their own on loopback (tests/test_registry.py)
+        [ -x /usr/bin/docker-registry ] || install_without_starting docker-registry
     fi
     # the account needs a python it can run: root's own may live under /root
     if ! runuser -u "$account" -- env -i PATH=/usr/local/bin:/usr/bin:/bin python3 -c 'import ensurepip, venv' 2>/dev/null; then
