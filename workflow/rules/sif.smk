@@ -20,3 +20,4 @@ rule build_sif:
 rule build:
     input:
         get_targets("{results}/{name}/{sha}/{name}.sif"),
+        get_push_targets,

@@ -91,6 +91,13 @@ class InvalidRegistrySetting(RegistryError):
 # ---------------------------------------------------------------- settings
 
 
+def truthy(value):
+    # `--config registry_plain_http=true` hands the value over as a string
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "yes", "1", "on")
+    return bool(value)
+
+
 @dataclass(frozen=True)
 class RegistrySettings:
     """What the config says about the registry. Holds no secret (Snakemake may pickle it):
@@ -145,7 +152,7 @@ class RegistrySettings:
             mode=config.get("registry_mode", "off"),
             credentials_variable=config.get("registry_credentials_env", ""),
             ca_file=os.path.expanduser(config.get("registry_ca_file", "")),
-            plain_http=bool(config.get("registry_plain_http", False)),
+            plain_http=truthy(config.get("registry_plain_http", False)),
         )
 
     @property
@@ -178,6 +185,8 @@ class Found:
     sif_digest: str
     size: int
     title: str = ""
+    # the manifest's own annotations (what push_annotations and the pusher wrote)
+    annotations: dict = field(default_factory=dict, compare=False)
 
     @property
     def sif_sha256(self):
@@ -835,7 +844,8 @@ class RegistryClient:
         if not DIGEST_PATTERN.fullmatch(str(layer.get("digest"))) or not isinstance(size, int) or size < 0:
             raise RegistryError("the SIF layer has no valid sha256 digest and size")
         title = (layer.get("annotations") or {}).get(TITLE_ANNOTATION, "")
-        return Found(name, sha, self.settings.reference(name, sha), digest, layer["digest"], size, str(title))
+        annotations = manifest.get("annotations") if isinstance(manifest.get("annotations"), dict) else {}
+        return Found(name, sha, self.settings.reference(name, sha), digest, layer["digest"], size, str(title), annotations)
 
     # -- pull
 
