@@ -36,6 +36,7 @@ from pathlib import Path
 
 import requests
 
+from .config_values import truthy
 from .files import checksum_line, sha256_file, temporary_sibling, write_text_atomic
 from .repository import redact_url
 
@@ -89,13 +90,6 @@ class InvalidRegistrySetting(RegistryError):
 
 
 # ---------------------------------------------------------------- settings
-
-
-def truthy(value):
-    # `--config registry_plain_http=true` hands the value over as a string
-    if isinstance(value, str):
-        return value.strip().lower() in ("true", "yes", "1", "on")
-    return bool(value)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import runtime
+from ..config_values import truthy
 from ..files import checksum_line, write_json_atomic, write_text_atomic
 from ..image import image_receipt, repo2docker_command
 from ..ssh_transport import SSHTarget, SSHTransport, expand_home, last_line, remote_command
@@ -22,13 +23,6 @@ TOOLS = ("docker", "buildx", "repo2docker", "runtime", "flock")
 # what each step needs: a step checks its own tools, so a rerun that starts at a later step is
 # still checked first, and the cheap steps do not wait for repo2docker to start
 STEP_TOOLS = {"build_image": TOOLS, "save_image": ("docker",), "build_sif": ("runtime",)}
-
-
-def to_bool(value):
-    # `--config builder={...}` hands every value over as a string
-    if isinstance(value, str):
-        return value.strip().lower() in ("true", "yes", "1", "on")
-    return bool(value)
 
 
 @dataclass(frozen=True)
@@ -66,7 +60,7 @@ class SSHBuilderSettings:
             user=str(values["user"]),
             key_file=str(values["key_file"]),
             known_hosts=str(values["known_hosts"]),
-            trust_unknown_host=to_bool(values["trust_unknown_host"]),
+            trust_unknown_host=truthy(values["trust_unknown_host"]),
         )
         return cls(
             target=target,
