@@ -136,7 +136,8 @@ def is_pulled(name, sha):
 def get_registry_image(wildcards):
     """Nothing for an image whose SIF comes from the registry. For any other, a file that is
     never there and that nothing makes; Snakemake then cannot use pull_sif and quietly takes
-    build_image and build_sif (an exception would do the same, with a warning per image)."""
+    build_image and build_sif (an exception would do the same, with a warning per image).
+    """
     if is_pulled(wildcards.name, wildcards.sha):
         return []
     return f"{RESULTS}/.registry/not-in-registry/{wildcards.name}/{wildcards.sha}"
