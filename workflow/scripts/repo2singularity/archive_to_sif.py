@@ -141,6 +141,12 @@ class TarReader:
         return data
 
     def next(self):
+        try:
+            return self.next_member()
+        except ValueError as error:  # a number field or pax record that is not one
+            raise self.corrupt(f"unreadable header before byte {self.stream.tell()} ({error})") from None
+
+    def next_member(self):
         pax = {}
         long_name = long_link = None
         offset = self.stream.tell()
@@ -169,7 +175,10 @@ class TarReader:
             return self.member(block, TYPE_ALIASES.get(type_, type_), size, pax, long_name, long_link, offset)
 
     def check_sum(self, block):
-        stored = tar_number(block[148:156])
+        try:
+            stored = tar_number(block[148:156])
+        except ValueError:
+            stored = -1
         unsigned = sum(block[:148]) + 256 + sum(block[156:])
         if stored != unsigned and stored != sum(struct.unpack("148b8x356b", block)) + 256:
             raise self.corrupt(f"bad header checksum at byte {self.stream.tell() - BLOCK}")
