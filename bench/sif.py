@@ -34,8 +34,10 @@ PROJECT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 SCRIPT = PROJECT / "workflow" / "scripts" / "repo2singularity" / "archive_to_sif.py"
 sys.path.insert(0, str(PROJECT / "tests"))
+sys.path.insert(0, str(PROJECT / "workflow" / "scripts"))
 
 from conftest import GitRepo  # noqa: E402
+from repo2singularity import archive_to_sif  # noqa: E402
 
 LARGE_TAG = "r2s-bench-sif-large:latest"
 LARGE_LAYERS = 16
@@ -140,7 +142,7 @@ def measured(command, scratch, output):
 
 
 def apptainer_command(runtime, tarball, sif, compression):
-    options = [] if compression in (None, "gzip") else ["--mksquashfs-args", f"-comp {compression}" + (" -Xcompression-level 3" if compression == "zstd" else "")]
+    options = ["--mksquashfs-args", " ".join(archive_to_sif.compression_options(compression))]
     return [runtime, "build", *options, sif, f"docker-archive://{tarball}"]
 
 

@@ -611,7 +611,7 @@ check_squashfs_tools() {
     if mksquashfs_recent; then
         say "ok: mksquashfs ($(mksquashfs_version))"
     elif command -v mksquashfs >/dev/null 2>&1; then
-        missing "mksquashfs: version $(mksquashfs_version) is older than $SQUASHFS_MIN (no -tar): run \`sudo apt-get install squashfs-tools\` from a newer release"
+        missing "mksquashfs: $(mksquashfs_version) is older than $SQUASHFS_MIN (no -tar): install squashfs-tools from a newer release"
     else
         missing "mksquashfs: not on PATH: run \`sudo bash $SELF install\` (or \`sudo apt-get install squashfs-tools\`)"
     fi

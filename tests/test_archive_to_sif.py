@@ -72,7 +72,8 @@ RUN set -e; cp /bin/true /t/suid; chmod 4755 /t/suid; cp /bin/true /t/sgid; chmo
     mknod /t/dev/char c 1 3; mkfifo /t/dev/fifo; \
     echo owned > /t/owned; chown 1234:4321 /t/owned; mkdir /t/owned-dir; chown 4242:4243 /t/owned-dir; chmod 0750 /t/owned-dir
 RUN set -e; mkdir /t/many; cd /t/many; seq 1 50000 | split -l 1000 - part-; \
-    for part in part-*; do mkdir "d$part"; (cd "d$part" && awk '{ f = sprintf("f%05d", $1); for (i = 0; i <= $1 % 97; i++) print $1 > f; close(f) }' "../$part"); rm "$part"; done
+    write='{ f = sprintf("f%05d", $1); for (i = 0; i <= $1 % 97; i++) print $1 > f; close(f) }'; \
+    for part in part-*; do mkdir "d$part"; (cd "d$part" && awk "$write" "../$part"); rm "$part"; done
 RUN truncate -s 1G /t/big
 RUN set -e; rm /t/many/dpart-aa/f00001; echo changed > /t/many/dpart-aa/f00002
 ENV A=1 B="two words" PATH=/t/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -579,6 +580,19 @@ def test_corrupt_layer_data(base_tarball, scratch):
 
     tarball = copy_with(base_tarball, scratch / "corrupt.tar", flip)
     assert_refused(tarball, scratch / "out-corrupt", r"does not match its digest|corrupt")
+
+
+def test_corrupt_gzip_layer(base_tarball, scratch):
+    _, config, layers = read_saved(base_tarball)
+    tarball = write_oci_layout(scratch / "gzip.tar", config, layers, compress=True)
+
+    def flip(data):
+        middle = len(data) // 2
+        data[middle : middle + 64] = bytes(byte ^ 0x5A for byte in data[middle : middle + 64])
+        return data
+
+    broken = copy_with(tarball, scratch / "corrupt-gzip.tar", flip)
+    assert_refused(broken, scratch / "out-corrupt-gzip", r"gzip data is corrupt or truncated|corrupt")
 
 
 def test_layer_listed_but_missing(base_tarball, scratch):

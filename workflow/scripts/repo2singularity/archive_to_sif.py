@@ -42,6 +42,7 @@ import tempfile
 import threading
 import time
 import uuid
+import zlib
 from array import array
 from base64 import b64decode
 from pathlib import Path
@@ -375,11 +376,34 @@ class Region:
         self.position += count
         return memoryview(self.buffer)[:count]
 
-    def readable(self):
-        return True
+    def compressed_position(self):
+        return self.position
 
-    def seekable(self):
-        return True
+
+class GzipRegion:
+    """A gzip-compressed Region, decompressed as it is read; broken gzip data is one line."""
+
+    def __init__(self, region, label):
+        self.region = region
+        self.label = label
+        self.file = gzip.GzipFile(fileobj=region, mode="rb")
+        self.buffer = bytearray(CHUNK)
+
+    def read(self, size):
+        try:
+            return self.file.read(size)
+        except (OSError, EOFError, zlib.error) as error:
+            raise ConversionError(f"{self.label}: its gzip data is corrupt or truncated ({error})") from None
+
+    def read_view(self, size):
+        view = memoryview(self.buffer)[: min(size, CHUNK)]
+        try:
+            return view[: self.file.readinto(view)]
+        except (OSError, EOFError, zlib.error) as error:
+            raise ConversionError(f"{self.label}: its gzip data is corrupt or truncated ({error})") from None
+
+    def compressed_position(self):
+        return self.region.tell()
 
 
 class LayerStream:
@@ -388,12 +412,11 @@ class LayerStream:
     without one, skipping a plain layer is a seek."""
 
     def __init__(self, source, digest=None, progress=None):
-        self.source = source  # a Region, or a GzipFile over one
+        self.source = source  # a Region or a GzipRegion
         self.hash = hashlib.sha256() if digest else None
         self.digest = digest
         self.position = 0
         self.progress = progress
-        self.buffer = bytearray(CHUNK)
 
     def tell(self):
         return self.position
@@ -404,11 +427,7 @@ class LayerStream:
         return data
 
     def read_view(self, size):
-        if isinstance(self.source, Region):
-            view = self.source.read_view(size)
-        else:
-            count = self.source.readinto(memoryview(self.buffer)[: min(size, CHUNK)])
-            view = memoryview(self.buffer)[:count]
+        view = self.source.read_view(size)
         self.consumed(view)
         return view
 
@@ -417,11 +436,7 @@ class LayerStream:
         if self.hash is not None:
             self.hash.update(data)
         if self.progress is not None:
-            self.progress.advance(self.compressed_position())
-
-    def compressed_position(self):
-        source = self.source if isinstance(self.source, Region) else self.source.fileobj
-        return source.tell()
+            self.progress.advance(self.source.compressed_position())
 
     def skip(self, size):
         if self.hash is None and isinstance(self.source, Region):
@@ -563,7 +578,7 @@ class Layer:
     def stream(self, verify=False, progress=None):
         source = Region(self.image.fd, self.start, self.size)
         if self.compression == "gzip":
-            source = gzip.GzipFile(fileobj=source, mode="rb")
+            source = GzipRegion(source, self.label)
         return LayerStream(source, self.digest if verify else None, progress)
 
     def reader(self, verify=False, progress=None):
@@ -1091,7 +1106,7 @@ class Conversion:
             squasher.stop()
             raise squasher.failure() from None
         except OSError as error:
-            raise ConversionError(f"{error.filename or self.sif}: {error.strerror}") from None
+            raise ConversionError(f"{error.filename or self.sif}: {error.strerror or error}") from None
         finally:
             if squasher is not None:
                 squasher.stop()
