@@ -42,14 +42,15 @@ from repo2singularity import archive_to_sif  # noqa: E402
 LARGE_TAG = "r2s-bench-sif-large:latest"
 LARGE_LAYERS = 16
 
-# Per layer: incompressible data (as in wheels, shared libraries, media), compressible text, and
-# a thousand small files of varied sizes; later layers delete and rewrite some of the earlier ones.
+# Per layer, as images grow: incompressible data (as in wheels, shared libraries, media),
+# compressible text, and a thousand small files of varied sizes; later layers delete a hundred
+# small files of an earlier layer (whiteouts) and add a file to an earlier layer's folder.
 LARGE_DOCKERFILE = "FROM debian:bookworm\n" + "".join(
     f"""RUN set -e; d=/data/layer{n}; mkdir -p $d/small; \\
-    head -c 48M /dev/urandom > $d/random.bin; \\
-    seq -f 'line %g of layer {n}: some text that compresses well' 1 1400000 > $d/text.txt; \\
+    head -c 64M /dev/urandom > $d/random.bin; \\
+    seq -f 'line %.0f of layer {n}: some text that compresses well' 1 1500000 > $d/text.txt; \\
     cd $d/small && seq 1 1000 | awk '{{ f = sprintf("f%04d", $1); for (i = 0; i <= ($1 * {n + 7}) % 211; i++) print $1, i > f; close(f) }}'{
-        f"; rm -rf /data/layer{n - 3}/small; head -c 8M /dev/urandom > /data/layer{n - 2}/random.bin" if n >= 3 else ""}
+        f"; rm -f /data/layer{n - 3}/small/f00*; head -c 8M /dev/urandom > /data/layer{n - 2}/extra.bin" if n >= 3 else ""}
 """
     for n in range(LARGE_LAYERS)
 )

@@ -572,26 +572,24 @@ def test_truncated_tarball(base_tarball, scratch):
     assert_refused(tarball, scratch / "out-truncated", r"corrupt or truncated|no manifest\.json")
 
 
-def test_corrupt_layer_data(base_tarball, scratch):
+def flipped_in_the_middle(width):
     def flip(data):
         middle = len(data) // 2
-        data[middle : middle + 4096] = bytes(byte ^ 0x5A for byte in data[middle : middle + 4096])
+        data[middle : middle + width] = bytes(byte ^ 0x5A for byte in data[middle : middle + width])
         return data
 
-    tarball = copy_with(base_tarball, scratch / "corrupt.tar", flip)
+    return flip
+
+
+def test_corrupt_layer_data(base_tarball, scratch):
+    tarball = copy_with(base_tarball, scratch / "corrupt.tar", flipped_in_the_middle(4096))
     assert_refused(tarball, scratch / "out-corrupt", r"does not match its digest|corrupt")
 
 
 def test_corrupt_gzip_layer(base_tarball, scratch):
     _, config, layers = read_saved(base_tarball)
     tarball = write_oci_layout(scratch / "gzip.tar", config, layers, compress=True)
-
-    def flip(data):
-        middle = len(data) // 2
-        data[middle : middle + 64] = bytes(byte ^ 0x5A for byte in data[middle : middle + 64])
-        return data
-
-    broken = copy_with(tarball, scratch / "corrupt-gzip.tar", flip)
+    broken = copy_with(tarball, scratch / "corrupt-gzip.tar", flipped_in_the_middle(64))
     assert_refused(broken, scratch / "out-corrupt-gzip", r"gzip data is corrupt or truncated|corrupt")
 
 
