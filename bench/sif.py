@@ -42,18 +42,24 @@ from repo2singularity import archive_to_sif  # noqa: E402
 LARGE_TAG = "r2s-bench-sif-large:latest"
 LARGE_LAYERS = 16
 
-# Per layer, as images grow: incompressible data (as in wheels, shared libraries, media),
-# compressible text, and a thousand small files of varied sizes; later layers delete a hundred
-# small files of an earlier layer (whiteouts) and add a file to an earlier layer's folder.
-LARGE_DOCKERFILE = "FROM debian:bookworm\n" + "".join(
-    f"""RUN set -e; d=/data/layer{n}; mkdir -p $d/small; \\
-    head -c 64M /dev/urandom > $d/random.bin; \\
-    seq -f 'line %.0f of layer {n}: some text that compresses well' 1 1500000 > $d/text.txt; \\
-    cd $d/small && seq 1 1000 | awk '{{ f = sprintf("f%04d", $1); for (i = 0; i <= ($1 * {n + 7}) % 211; i++) print $1, i > f; close(f) }}'{
-        f"; rm -f /data/layer{n - 3}/small/f00*; head -c 8M /dev/urandom > /data/layer{n - 2}/extra.bin" if n >= 3 else ""}
-"""
-    for n in range(LARGE_LAYERS)
-)
+
+def large_layer(n):
+    """Per layer, as images grow: incompressible data (as in wheels, shared libraries, media),
+    compressible text, and a thousand small files of varied sizes; later layers delete a hundred
+    small files of an earlier layer (whiteouts) and add a file to an earlier layer's folder."""
+    small = f"""{{ f = sprintf("f%04d", $1); for (i = 0; i <= ($1 * {n + 7}) % 211; i++) print $1, i > f; close(f) }}"""
+    commands = [
+        f"d=/data/layer{n}; mkdir -p $d/small",
+        "head -c 64M /dev/urandom > $d/random.bin",
+        f"seq -f 'line %.0f of layer {n}: some text that compresses well' 1 1500000 > $d/text.txt",
+        f"(cd $d/small && seq 1 1000 | awk '{small}')",
+    ]
+    if n >= 3:
+        commands += [f"rm -f /data/layer{n - 3}/small/f00*", f"head -c 8M /dev/urandom > /data/layer{n - 2}/extra.bin"]
+    return "RUN set -e; " + "; \\\n    ".join(commands) + "\n"
+
+
+LARGE_DOCKERFILE = "FROM debian:bookworm\n" + "".join(large_layer(n) for n in range(LARGE_LAYERS))
 
 
 def run(command, **kwargs):
@@ -166,8 +172,9 @@ def bench_image(tag, scratch, runtime, compression, repeat):
             results[path].append(measured(make(runtime, tarball, sif, compression), scratch, sif))
             results["save"].append(save)
     best = {path: min(runs, key=lambda m: m.seconds) for path, runs in results.items()}
-    files = int(subprocess.run(["unsquashfs", "-o", str(partition_offset(runtime, scratch / "fast.sif")), "-lc", scratch / "fast.sif"],
-                               capture_output=True, text=True).stdout.count("\n"))
+    fast = scratch / "fast.sif"
+    listing = subprocess.run(["unsquashfs", "-o", str(partition_offset(runtime, fast)), "-lc", fast], capture_output=True, text=True)
+    files = listing.stdout.count("\n")
     tarball_size = tarball.stat().st_size
     tarball.unlink()
     return best, files, tarball_size

@@ -460,6 +460,10 @@ class LayerStream:
 # ------------------------------------------------------------------------------------ the saved image
 
 
+# Python's standard library reads gzip only (zstd comes with Python 3.14)
+UNREADABLE_COMPRESSION = {b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bzip2", b"\xfd7zXZ": "xz"}
+
+
 class SavedImage:
     """The tarball of `docker save`: the legacy layout (manifest.json, <id>/layer.tar) or the
     OCI layout (index.json, blobs/sha256/...), both described by manifest.json."""
@@ -544,19 +548,12 @@ class SavedImage:
     def layer(self, number, name, digest):
         region = self.region(name, f"layer {number}")
         magic = region.read(6)
-        region.seek(0)
-        if magic.startswith(b"\x1f\x8b"):
-            compression = "gzip"
-        elif magic.startswith(b"\x28\xb5\x2f\xfd"):
+        unreadable = [kind for start, kind in UNREADABLE_COMPRESSION.items() if magic.startswith(start)]
+        if unreadable:
             raise ConversionError(
-                f"{self.path}: layer {number} ({name}) is zstd-compressed, which this converter cannot read; use apptainer build"
+                f"{self.path}: layer {number} ({name}) is {unreadable[0]}-compressed, which this converter cannot read; use apptainer build"
             )
-        elif magic.startswith((b"BZh", b"\xfd7zXZ")):
-            raise ConversionError(
-                f"{self.path}: layer {number} ({name}) is bzip2- or xz-compressed, which this converter cannot read; use apptainer build"
-            )
-        else:
-            compression = None
+        compression = "gzip" if magic.startswith(b"\x1f\x8b") else None
         return Layer(self, number, name, region.start, region.size, compression, digest)
 
 
@@ -804,7 +801,7 @@ class Progress:
 SIF_HEADER = struct.Struct("<32s10s3s3s16s8q")
 SIF_DESCRIPTOR = struct.Struct("<i?IIIqqqqqqq128s384s")
 SIF_PARTITION = struct.Struct("<ii3s")
-SIF_DEFFILE, SIF_PARTITION_TYPE, SIF_GENERIC_JSON = 0x4001, 0x4004, 0x4006
+SIF_PARTITION_TYPE, SIF_GENERIC_JSON = 0x4004, 0x4006
 SIF_SQUASHFS, SIF_PRIMARY_SYSTEM = 1, 2
 SIF_ALIGNMENT = 4096
 SIF_ARCHES = {  # Go architecture -> SIF code
@@ -956,21 +953,16 @@ class ApptainerProbe:
             for name in sorted(dirs) + sorted(files):
                 path = Path(folder) / name
                 info = path.lstat()
-                member = Member(
-                    str(path.relative_to(tree)).encode(errors="surrogateescape"),
-                    REGULAR,
-                    stat.S_IMODE(info.st_mode),
-                    mtime=int(info.st_mtime),
-                )
+                relative = str(path.relative_to(tree)).encode(errors="surrogateescape")
+                member = Member(relative, REGULAR, stat.S_IMODE(info.st_mode), mtime=int(info.st_mtime))
                 data = b""
                 if stat.S_ISDIR(info.st_mode):
                     member.type = DIRECTORY
                 elif stat.S_ISLNK(info.st_mode):
                     member.type, member.linkname = SYMLINK, os.readlink(path).encode(errors="surrogateescape")
                 else:
-                    data = path.read_bytes()
-                    if member.name == b".singularity.d/Singularity" or member.name == b".singularity.d/labels.json":
-                        data = self.with_reference(data, json_text=member.name.endswith(b".json"))
+                    # the deffile (/.singularity.d/Singularity) and labels.json name the tarball
+                    data = self.with_reference(path.read_bytes(), json_text=member.name.endswith(b".json"))
                     member.size = len(data)
                 additions.append((member, data))
         return additions
@@ -1166,7 +1158,7 @@ class Conversion:
                         emitted[base | position] = path
                 else:
                     reader.skip(member)
-                    self.hard_link(image, tree, out, node.source, path, emitted, member)
+                    self.hard_link(image, out, node.source, path, emitted, member)
             reader.stream.verify(layer.label)
             done += layer.size
         number = len(image.layers) + 1
@@ -1183,7 +1175,7 @@ class Conversion:
         out.close()
 
     @staticmethod
-    def hard_link(image, tree, out, source, path, emitted, member):
+    def hard_link(image, out, source, path, emitted, member):
         if source in emitted:
             out.member(member, path, type_=HARDLINK, linkname=emitted[source])
             return
@@ -1216,15 +1208,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     # a terminated conversion cleans up like an interrupted one
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    def report(line):
+        print(f"archive_to_sif: {line}", file=sys.stderr, flush=True)
+
     try:
-        convert(
-            args.tarball,
-            args.sif,
-            args.compression,
-            args.runtime,
-            lambda line: print(f"archive_to_sif: {line}", file=sys.stderr, flush=True),
-            args.tmpdir,
-        )
+        convert(args.tarball, args.sif, args.compression, args.runtime, report, args.tmpdir)
     except ConversionError as error:
         print(f"archive_to_sif: error: {error}", file=sys.stderr)
         return 1
