@@ -14,7 +14,7 @@ For each image and each path:
   APPTAINER_CACHEDIR point at while the step runs (each run gets fresh, empty ones).
 
 Run it as the account that runs the workflow (in the docker group, Apptainer as itself):
-    .venv/bin/python bench/sif.py [--repeat N] [--compression zstd] [--skip-large] [--keep]
+    .venv/bin/python bench/sif.py [--repeat N] [--compression zstd] [--image example|large] [--keep]
 """
 
 import argparse
@@ -234,7 +234,7 @@ def main():
     parser.add_argument("--repeat", type=int, default=1, help="runs of each path per image (best time counts)")
     parser.add_argument("--runtime", default="apptainer")
     parser.add_argument("--compression", default="zstd", help="zstd (the project's default), gzip (apptainer's), ...")
-    parser.add_argument("--skip-large", action="store_true", help="only the example image")
+    parser.add_argument("--image", action="append", choices=["example", "large"], help="only this image (repeatable; default both)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
     args = parser.parse_args()
 
@@ -242,8 +242,9 @@ def main():
     tags = []
     summary = []
     try:
-        images = [("example", build_example)] + ([] if args.skip_large else [("large", build_large)])
-        for name, build in images:
+        builders = {"example": build_example, "large": build_large}
+        for name in args.image or list(builders):
+            build = builders[name]
             tag = build(scratch)
             tags.append(tag)
             best, files, size = bench_image(tag, scratch, args.runtime, args.compression, args.repeat)
