@@ -68,21 +68,30 @@ def run(command, **kwargs):
 
 class Sampler:
     """Peak RSS of a process and all its descendants, and peak size of some folders, sampled
-    while the process runs."""
+    while the process runs; its CPU time (with the children it waited for) when it ends."""
 
     def __init__(self, folders=(), interval=0.2):
         self.folders = [Path(folder) for folder in folders]
         self.interval = interval
         self.peak_rss = 0
         self.peak_disk = 0
+        self.cpu = 0.0
 
     def run(self, command, env=None):
         started = time.monotonic()
-        process = subprocess.Popen([str(part) for part in command], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        log = tempfile.TemporaryFile()  # not a pipe: a full pipe would stall the step
+        process = subprocess.Popen([str(part) for part in command], env=env, stdout=subprocess.DEVNULL, stderr=log)
         root = psutil.Process(process.pid)
-        disk = threading.Thread(target=self.watch_disk, args=(process,), daemon=True)
+        done = threading.Event()
+        disk = threading.Thread(target=self.watch_disk, args=(done,), daemon=True)
         disk.start()
-        while process.poll() is None:
+        while True:
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                process.returncode = os.waitstatus_to_exitcode(status)
+                self.cpu = usage.ru_utime + usage.ru_stime
+                done.set()
+                break
             total = 0
             try:
                 tree = [root, *root.children(recursive=True)]
@@ -95,18 +104,19 @@ class Sampler:
                     pass
             self.peak_rss = max(self.peak_rss, total)
             time.sleep(self.interval)
-        errors = process.stderr.read().decode(errors="replace")
         seconds = time.monotonic() - started
         disk.join()
+        log.seek(0)
+        errors = log.read().decode(errors="replace")
         if process.returncode != 0:
             raise SystemExit(f"{command} failed:\n{errors[-2000:]}")
         return seconds
 
-    def watch_disk(self, process):
+    def watch_disk(self, done):
         # a walk costs time in a tree of many files: once a second is enough to see the peak
-        while process.poll() is None:
+        while not done.is_set():
             self.peak_disk = max(self.peak_disk, sum(folder_size(folder) for folder in self.folders))
-            time.sleep(1.0)
+            done.wait(1.0)
 
 
 def folder_size(folder):
@@ -121,8 +131,9 @@ def folder_size(folder):
 
 
 class Measure:
-    def __init__(self, seconds, rss, disk, size):
+    def __init__(self, seconds, cpu, rss, disk, size):
         self.seconds = seconds
+        self.cpu = cpu
         self.rss = rss
         self.disk = disk
         self.size = size
@@ -145,7 +156,7 @@ def measured(command, scratch, output):
     size = Path(output).stat().st_size if output else 0
     subprocess.run(["chmod", "-R", "u+w", temporary], capture_output=True)
     shutil.rmtree(temporary, ignore_errors=True)
-    return Measure(seconds, sampler.peak_rss, sampler.peak_disk, size)
+    return Measure(seconds, sampler.cpu, sampler.peak_rss, sampler.peak_disk, size)
 
 
 def apptainer_command(runtime, tarball, sif, compression):
@@ -212,6 +223,7 @@ def report(name, best, files, tarball_size):
     rows = [
         ("SIF step (tarball -> SIF)", slow.seconds, fast.seconds, "s"),
         ("save + SIF", save.seconds + slow.seconds, save.seconds + fast.seconds, "s"),
+        ("CPU time of the SIF step", slow.cpu, fast.cpu, "s"),
         ("peak memory, step + children", slow.rss / 1e6, fast.rss / 1e6, "MB"),
         ("temporary space", slow.disk / 1e6, fast.disk / 1e6, "MB"),
         ("SIF size", slow.size / 1e6, fast.size / 1e6, "MB"),
@@ -225,7 +237,9 @@ def report(name, best, files, tarball_size):
         "files": files,
         "tarball_bytes": tarball_size,
         "save_seconds": save.seconds,
-        **{f"{path}_{key}": getattr(best[path], key) for path in ("apptainer", "fast") for key in ("seconds", "rss", "disk", "size")},
+        **{
+            f"{path}_{key}": getattr(best[path], key) for path in ("apptainer", "fast") for key in ("seconds", "cpu", "rss", "disk", "size")
+        },
     }
 
 
