@@ -113,10 +113,10 @@ class Sampler:
         return seconds
 
     def watch_disk(self, done):
-        # a walk costs time in a tree of many files: once a second is enough to see the peak
+        # a walk costs time in a tree of many files: every 2 s is enough to see the peak (it lasts while the SIF is packed)
         while not done.is_set():
             self.peak_disk = max(self.peak_disk, sum(folder_size(folder) for folder in self.folders))
-            done.wait(1.0)
+            done.wait(2.0)
 
 
 def folder_size(folder):
