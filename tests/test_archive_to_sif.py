@@ -29,6 +29,7 @@ import time
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import PROJECT, GitRepo
@@ -372,6 +373,23 @@ def test_hard_image_metadata_matches_apptainer(hard):
     labels = json.loads(runtime("inspect", "--json", "--labels", hard["fast"]))["data"]["attributes"]["labels"]
     assert labels["other"] == "x & <y>"
     assert labels["org.label-schema.usage.singularity.deffile.from"] == str(hard["tarball"])
+
+
+def test_a_terminated_conversion_leaves_nothing(hard, tmp_path):
+    output, probes = tmp_path / "out", tmp_path / "probes"
+    output.mkdir()
+    probes.mkdir()
+    command = ["/usr/bin/python3", "-I", "-S", SCRIPT, "--tmpdir", probes, "--compression", "zstd", hard["tarball"], output / "x.sif"]
+    process = subprocess.Popen([str(part) for part in command], stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:
+        if "streaming:" in line:  # mksquashfs runs, the partial SIF exists
+            break
+    assert list(output.iterdir()), "no partial SIF while streaming"
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 143
+    assert not list(output.iterdir()) and not list(probes.iterdir())
+    left = [proc.info["cmdline"] for proc in psutil.process_iter(["cmdline"]) if str(output) in " ".join(proc.info["cmdline"] or [])]
+    assert not left, left
 
 
 def test_progress_says_how_far_it_is(hard):
