@@ -45,17 +45,18 @@ LARGE_LAYERS = 16
 
 def large_layer(n):
     """Per layer, as images grow: incompressible data (as in wheels, shared libraries, media),
-    compressible text, and a thousand small files of varied sizes; later layers delete a hundred
+    compressible text, and six folders of a thousand small files of varied sizes (a large
+    image's Python or conda environment has some 100,000 files); later layers delete a hundred
     small files of an earlier layer (whiteouts) and add a file to an earlier layer's folder."""
     small = f"""{{ f = sprintf("f%04d", $1); for (i = 0; i <= ($1 * {n + 7}) % 211; i++) print $1, i > f; close(f) }}"""
     commands = [
         f"d=/data/layer{n}; mkdir -p $d/small",
         "head -c 64M /dev/urandom > $d/random.bin",
         f"seq -f 'line %.0f of layer {n}: some text that compresses well' 1 1500000 > $d/text.txt",
-        f"(cd $d/small && seq 1 1000 | awk '{small}')",
+        f"for k in 1 2 3 4 5 6; do mkdir $d/small/$k; (cd $d/small/$k && seq 1 1000 | awk '{small}'); done",
     ]
     if n >= 3:
-        commands += [f"rm -f /data/layer{n - 3}/small/f00*", f"head -c 8M /dev/urandom > /data/layer{n - 2}/extra.bin"]
+        commands += [f"rm -f /data/layer{n - 3}/small/1/f00*", f"head -c 8M /dev/urandom > /data/layer{n - 2}/extra.bin"]
     return "RUN set -e; " + "; \\\n    ".join(commands) + "\n"
 
 
