@@ -141,14 +141,17 @@ class Listing:
             entry = {"type": kind, "mode": int(fields[2], 8), "uid": int(fields[3]), "gid": int(fields[4])}
             if kind == "R":
                 entry["size"] = int(fields[5])
-                data.append((int(fields[6]), name))
+                data.append((int(fields[6]), entry["size"], name))
             elif kind == "S":
                 entry["target"] = ESCAPED.sub(rb"\1", definition.split(b" ", 5)[5])
             elif kind in ("C", "B"):
                 entry["device"] = (int(fields[5]), int(fields[6]))
             self.entries[name] = entry
-        for _, name in sorted(data):
-            digest, left = hashlib.sha256(), self.entries[name]["size"]
+        position = 0
+        for offset, size, name in sorted(data):  # an empty file shares the offset of the next one
+            assert offset == position, f"unsquashfs -pf of {sif}: data of {name} at {offset}, expected {position}"
+            position += size
+            digest, left = hashlib.sha256(), size
             while left:
                 chunk = process.stdout.read(min(left, 1 << 20))
                 assert chunk, f"unsquashfs -pf of {sif} ended early"

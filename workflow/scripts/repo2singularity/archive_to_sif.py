@@ -95,17 +95,21 @@ class Member:
         return (self.data_size + BLOCK - 1) // BLOCK * BLOCK
 
 
+# name, mode, uid, gid, size, mtime, checksum, type, linkname, magic, version, uname, gname,
+# devmajor, devminor, prefix
+HEADER = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s12x")
+
+
 def nul_terminated(field):
-    end = field.find(b"\0")
-    return bytes(field if end < 0 else field[:end])
+    return field.partition(b"\0")[0]
 
 
 def tar_number(field):
     """An octal number, or GNU base-256 (first byte 0x80 or 0xff)."""
     if field[0] & 0x80:
         return int.from_bytes(field[1:], "big", signed=False) if field[0] == 0x80 else int.from_bytes(field, "big", signed=True)
-    text = nul_terminated(field).strip(b" ")
-    return int(text, 8) if text else 0
+    digits = nul_terminated(field).strip(b" ")
+    return int(digits, 8) if digits else 0
 
 
 def pax_records(data):
@@ -128,9 +132,11 @@ class TarReader:
     """Reads the members of a tar archive from a stream, in order. The caller reads or skips
     each member's data before asking for the next one."""
 
-    def __init__(self, stream, label):
+    def __init__(self, stream, label, check_sums=True, names_only=False):
         self.stream = stream
         self.label = label  # names the archive in error messages
+        self.check_sums = check_sums  # not needed where the layer's digest is checked anyway
+        self.names_only = names_only  # name, type, size and link target: all that indexing needs
 
     def corrupt(self, what):
         return ConversionError(f"{self.label} is corrupt or truncated: {what}")
@@ -159,9 +165,11 @@ class TarReader:
                 raise self.corrupt(f"unexpected end of data at byte {self.stream.tell()}")
             if block == ZERO_BLOCK:
                 return None
-            self.check_sum(block)
-            type_ = block[156:157]
-            size = tar_number(block[124:136])
+            if self.check_sums:
+                self.check_sum(block)
+            fields = HEADER.unpack(block)
+            type_ = fields[7]
+            size = tar_number(fields[4])
             if type_ in (b"x", b"g", b"L", b"K"):
                 if size > 1 << 24:
                     raise self.corrupt(f"an extension header of {size} bytes at byte {self.stream.tell() - BLOCK}")
@@ -173,7 +181,7 @@ class TarReader:
                 elif type_ == b"K":
                     long_link = nul_terminated(data)
                 continue  # a global header ("g") only sets defaults that docker never uses
-            return self.member(block, TYPE_ALIASES.get(type_, type_), size, pax, long_name, long_link, offset)
+            return self.member(fields, TYPE_ALIASES.get(type_, type_), size, pax, long_name, long_link, offset)
 
     def check_sum(self, block):
         try:
@@ -184,24 +192,23 @@ class TarReader:
         if stored != unsigned and stored != sum(struct.unpack("148b8x356b", block)) + 256:
             raise self.corrupt(f"bad header checksum at byte {self.stream.tell() - BLOCK}")
 
-    def member(self, block, type_, size, pax, long_name, long_link, offset):
-        name = nul_terminated(block[0:100])
-        if block[257:263] == b"ustar\0" and block[345] != 0:
-            name = nul_terminated(block[345:500]) + b"/" + name
-        member = Member(
-            long_name if long_name is not None else name,
-            type_,
-            tar_number(block[100:108]) & 0o7777,
-            tar_number(block[108:116]),
-            tar_number(block[116:124]),
-            size,
-            tar_number(block[136:148]),
-            long_link if long_link is not None else nul_terminated(block[157:257]),
-            offset=offset,
-        )
-        if type_ in (CHARDEV, BLOCKDEV):
-            member.devmajor = tar_number(block[329:337])
-            member.devminor = tar_number(block[337:345])
+    def member(self, fields, type_, size, pax, long_name, long_link, offset):
+        name, mode, uid, gid, _, mtime, _, _, linkname, magic, _, _, _, devmajor, devminor, prefix = fields
+        if long_name is not None:
+            name = long_name
+        elif magic == b"ustar\0" and prefix[0]:
+            name = nul_terminated(prefix) + b"/" + nul_terminated(name)
+        else:
+            name = nul_terminated(name)
+        linkname = long_link if long_link is not None else nul_terminated(linkname)
+        if self.names_only:
+            member = Member(name, type_, size=size, linkname=linkname, offset=offset)
+        else:
+            member = Member(name, type_, tar_number(mode) & 0o7777, tar_number(uid), tar_number(gid), size, tar_number(mtime), linkname)
+            member.offset = offset
+        if type_ in (CHARDEV, BLOCKDEV) and not self.names_only:
+            member.devmajor = tar_number(devmajor)
+            member.devminor = tar_number(devminor)
         if pax:
             self.apply_pax(member, pax)
         if member.type not in KNOWN_TYPES:
@@ -254,20 +261,13 @@ def pax_record(key, value):
 
 
 def header_block(name, type_, size, mode=0o644, uid=0, gid=0, mtime=0, linkname=b"", devmajor=0, devminor=0):
-    block = bytearray(BLOCK)
-    block[0:100] = name[:100].ljust(100, b"\0")
-    block[100:108] = b"%07o\0" % mode
-    block[108:116] = b"%07o\0" % (uid if uid < 8**7 else 0)
-    block[116:124] = b"%07o\0" % (gid if gid < 8**7 else 0)
-    block[124:136] = b"%011o\0" % (size if size < 8**11 else 0)
-    # squashfs keeps 32-bit times; mksquashfs 4.5.1 cannot read a pax mtime without a fraction
-    block[136:148] = b"%011o\0" % min(max(int(mtime), 0), 2**32 - 1)
-    block[148:156] = b" " * 8
-    block[156:157] = type_
-    block[157:257] = linkname[:100].ljust(100, b"\0")
-    block[257:265] = b"ustar\x0000"
-    block[329:337] = b"%07o\0" % devmajor
-    block[337:345] = b"%07o\0" % devminor
+    """A ustar header with empty user and group names (numbers count) and big numbers as 0 (the
+    caller puts them in pax records). squashfs keeps 32-bit times, and mksquashfs 4.5.1 cannot
+    read a pax mtime without a fraction: times are clamped instead."""
+    numbers = (b"%07o\0" % mode, b"%07o\0" % (uid if uid < 8**7 else 0), b"%07o\0" % (gid if gid < 8**7 else 0))
+    numbers += (b"%011o\0" % (size if size < 8**11 else 0), b"%011o\0" % min(max(int(mtime), 0), 2**32 - 1))
+    devices = (b"%07o\0" % devmajor, b"%07o\0" % devminor)
+    block = bytearray(HEADER.pack(name[:100], *numbers, b" " * 8, type_, linkname[:100], b"ustar\0", b"00", b"", b"", *devices, b""))
     block[148:156] = b"%06o\0 " % sum(block)
     return bytes(block)
 
@@ -578,8 +578,8 @@ class Layer:
             source = GzipRegion(source, self.label)
         return LayerStream(source, self.digest if verify else None, progress)
 
-    def reader(self, verify=False, progress=None):
-        return TarReader(self.stream(verify, progress), self.label)
+    def reader(self, verify=False, progress=None, names_only=False):
+        return TarReader(self.stream(verify, progress), self.label, check_sums=not verify, names_only=names_only)
 
     def member_at(self, offset):
         """A reader positioned at the member whose headers start at offset (for a hard link whose
@@ -629,7 +629,7 @@ class RootFileSystem:
 
     def __init__(self):
         self.root = Node(None, b"", None, children={})
-        self.root_member = None
+        self.root_member = None  # (layer, header offset) of the last entry for the root itself
         self.implicit = []  # directories no member made (parents missing from a layer)
         self.link_sources = set()
         self.members = {}  # layer number -> [node of each member position]
@@ -679,8 +679,7 @@ class RootFileSystem:
         nodes = [None] * len(entries)
         self.members[number] = nodes
         # whiteouts first: they hide lower layers only, never entries of their own layer
-        for position, name, type_, linkname in entries:
-            parts = path_parts(name)
+        for position, parts, type_, linkname in entries:
             if not parts or not parts[-1].startswith(b".wh."):
                 continue
             if parts[-1] == b".wh..wh..opq":
@@ -691,8 +690,7 @@ class RootFileSystem:
                 parent, hidden, node = self.walk(parts[:-1] + [parts[-1][4:]])
                 if node is not None:
                     del parent.children[hidden]
-        for position, name, type_, linkname in entries:
-            parts = path_parts(name)
+        for position, parts, type_, linkname in entries:
             if parts and parts[-1].startswith(b".wh."):
                 continue
             if not parts:
@@ -1114,16 +1112,17 @@ class Conversion:
         done = 0
         for layer in image.layers:
             progress.next_layer(done)
-            reader = layer.reader(progress=progress)
+            reader = layer.reader(progress=progress, names_only=True)
             entries = []
             while True:
                 member = reader.next()
                 if member is None:
                     break
                 layer.offsets.append(member.offset)
-                entries.append((len(entries), member.name, member.type, member.linkname if member.type in (HARDLINK, SYMLINK) else None))
-                if not path_parts(member.name) and member.type == DIRECTORY:
-                    tree.root_member = member
+                parts = path_parts(member.name)
+                entries.append((len(entries), parts, member.type, member.linkname if member.type in (HARDLINK, SYMLINK) else None))
+                if not parts and member.type == DIRECTORY:
+                    tree.root_member = (layer, member.offset)
                 reader.skip(member)
             tree.apply_layer(layer.number, entries, layer.label)
             done += layer.size
@@ -1131,8 +1130,10 @@ class Conversion:
 
     @staticmethod
     def root_attributes(tree):
-        member = tree.root_member
-        return (member.mode, member.uid, member.gid) if member is not None else (0o755, 0, 0)
+        if tree.root_member is None:
+            return 0o755, 0, 0
+        _, member = tree.root_member[0].member_at(tree.root_member[1])
+        return member.mode, member.uid, member.gid
 
     def stream(self, image, tree, additions, squasher, progress):
         out = TarWriter(squasher.process.stdin.fileno())
