@@ -1033,9 +1033,13 @@ class Squasher:
                 self.errors = (self.errors + [line])[-20:]
 
     def failure(self):
-        fatal = [line for line in self.errors if "FATAL" in line or "fail" in line.lower() or "error" in line.lower()]
-        line = (fatal or self.errors or [f"exit status {self.process.returncode}"])[-1]
-        return ConversionError(f"mksquashfs failed: {line.replace('FATAL ERROR:', '').strip()}")
+        """mksquashfs's own words, in one line: the cause ("Write failed because No space left on
+        device") before the consequence ("FATAL ERROR: Failed to write to output filesystem")."""
+        lines = [line.replace("FATAL ERROR:", "").strip() for line in self.errors]
+        causes = [line for line in lines if "because" in line]
+        fatal = [line for line in lines if "fail" in line.lower() or "error" in line.lower()]
+        words = (causes[-1:] + fatal[-1:]) or lines[-1:] or [f"exit status {self.process.returncode}"]
+        return ConversionError(f"mksquashfs failed: {'; '.join(dict.fromkeys(words))}")
 
     def finish(self):
         self.process.stdin.close()
