@@ -476,6 +476,9 @@ class SavedImage:
             raise ConversionError(f"cannot read {path}: {error.strerror}") from None
         try:
             self.read_manifest()
+        except OSError as error:
+            os.close(self.fd)
+            raise ConversionError(f"cannot read {path}: {error.strerror or error}") from None
         except BaseException:
             os.close(self.fd)
             raise
