@@ -3,7 +3,8 @@
 #
 #   setup/system.sh install   (as root) install only what is missing:
 #                             Docker engine + buildx, the base image debian:bookworm,
-#                             Apptainer, and an unprivileged account in the docker group and
+#                             Apptainer, squashfs-tools (mksquashfs for the fast SIF
+#                             conversion), and an unprivileged account in the docker group and
 #                             in r2s-apptainer (whose members may run Apptainer on Debian 12)
 #   setup/system.sh check     (any user) report what is missing for the CURRENT user;
 #                             exit 0 if nothing is missing, 1 otherwise
@@ -215,6 +216,8 @@ run_checks() {
     else
         missing "apptainer: not on PATH: run \`sudo bash $SELF install\`"
     fi
+
+    check_squashfs_tools
 
     if command -v git >/dev/null 2>&1; then
         say "ok: git ($(git --version | awk '{print $3}'))"
@@ -662,6 +665,43 @@ EOF
     say "apptainer: installed ($found, $(elapsed))"
 }
 
+# mksquashfs >= 4.5 reads a tar stream on stdin (-tar): the fast SIF conversion
+# (archive_to_sif.py) streams the image into it; Debian 12 has 4.5.1, Debian 13 4.6.1.
+SQUASHFS_MIN=4.5
+
+mksquashfs_version() {
+    command -v mksquashfs >/dev/null 2>&1 || return 1
+    mksquashfs -version 2>/dev/null | awk 'NR == 1 { print $3; exit }'
+}
+
+mksquashfs_recent() {
+    local v
+    v=$(mksquashfs_version) || return 1
+    [ -n "$v" ] && [ "$(printf '%s\n%s\n' "$SQUASHFS_MIN" "$v" | sort -V | head -n 1)" = "$SQUASHFS_MIN" ]
+}
+
+check_squashfs_tools() {
+    if mksquashfs_recent; then
+        say "ok: mksquashfs ($(mksquashfs_version))"
+    elif command -v mksquashfs >/dev/null 2>&1; then
+        missing "mksquashfs: $(mksquashfs_version) is older than $SQUASHFS_MIN (no -tar): install squashfs-tools from a newer release"
+    else
+        missing "mksquashfs: not on PATH: run \`sudo bash $SELF install\` (or \`sudo apt-get install squashfs-tools\`)"
+    fi
+}
+
+step_squashfs_tools() {
+    step_begin
+    if mksquashfs_recent; then
+        say "squashfs-tools: present (mksquashfs $(mksquashfs_version))"
+        return 0
+    fi
+    say "squashfs-tools: installing..."
+    apt_install squashfs-tools
+    mksquashfs_recent || die "squashfs-tools: installed, but mksquashfs $(mksquashfs_version || true) is older than $SQUASHFS_MIN"
+    say "squashfs-tools: installed (mksquashfs $(mksquashfs_version), $(elapsed))"
+}
+
 step_account() {
     step_begin
     local joined
@@ -704,6 +744,7 @@ cmd_install() {
     step_buildx
     step_base_image
     step_apptainer
+    step_squashfs_tools
     step_account
     if ! command -v git >/dev/null 2>&1; then
         say "git: installing..."
