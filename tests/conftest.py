@@ -74,3 +74,13 @@ def started(command, **popen):
         assert time.monotonic() < deadline, f"{command} did not start"
         time.sleep(0.01)
     return process
+
+
+def sif_compression(sif, runtime="apptainer"):
+    """The compression of a SIF's root file system, as unsquashfs reads it inside the SIF."""
+    import re
+
+    listing = subprocess.run([runtime, "sif", "list", str(sif)], capture_output=True, text=True, check=True).stdout
+    offset = next(int(line.split("|")[3].split("-")[0]) for line in listing.splitlines() if "Squashfs" in line)
+    info = subprocess.run(["unsquashfs", "-s", "-o", str(offset), str(sif)], capture_output=True, text=True, check=True).stdout
+    return re.search(r"^Compression (\w+)", info, re.MULTILINE)[1]

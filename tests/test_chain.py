@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PROJECT
+from conftest import PROJECT, sif_compression
 from jupyter_client import api, execute
 from repo2singularity.processes import alive
 from workflow_runner import snakemake
@@ -88,6 +88,8 @@ def test_sif_exists_with_checksum_and_provenance_labels(launched):
     assert receipt["image_id"].startswith("sha256:")
     assert receipt["repo2docker_version"]
     assert not (folder / "image.tar").exists(), "the temporary tarball was kept"
+    # the fast conversion (the default) with sif_compression auto: zstd
+    assert sif_compression(sif, RUNTIME) == "zstd"
 
 
 def test_outputs_are_not_world_writable(launched):

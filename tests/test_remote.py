@@ -22,7 +22,7 @@ import yaml
 
 from snakemake.utils import validate
 
-from conftest import GitRepo
+from conftest import GitRepo, sif_compression
 from repo2singularity import builders, ssh_transport
 from repo2singularity.builders import ssh as ssh_builder
 from repo2singularity.processes import free_port
@@ -143,6 +143,8 @@ def test_preflight_problems_are_one_line_each():
         "repo2docker": (0, "2026.4.0"),
         "runtime": (0, "1.4.5"),
         "flock": (0, "flock from util-linux 2.38.1"),
+        "python": (0, "Python 3.11.2"),
+        "mksquashfs": (0, "mksquashfs version 4.5.1 (2022/03/17)\ncopyright ..."),
         "space": (0, df.format(9_000_000)),
     }
     assert ssh_builder.preflight_problems(settings, "/w", good) == []
@@ -155,6 +157,8 @@ def test_preflight_problems_are_one_line_each():
         "buildx": ((1, "docker: 'buildx' is not a docker command."), "docker buildx is missing"),
         "space": ((0, df.format(1_000_000)), "only 1.0 GB free in /w"),
         "flock": ((127, "sh: 1: flock: not found"), "max_builds needs it"),
+        "python": ((0, "Python 3.9.2"), "python3 (>= 3.11) does not run, and the fast SIF conversion needs it"),
+        "mksquashfs": ((0, "mksquashfs version 4.4 (2019/08/29)"), "mksquashfs >= 4.5 (squashfs-tools) does not run"),
     }
     for check, (value, expected) in cases.items():
         problems = ssh_builder.preflight_problems(settings, "/w", {**good, check: value})
@@ -231,7 +235,9 @@ class Sshd:
         return f"[127.0.0.1]:{self.port} {kind} {key}\n"
 
     def connections(self):
-        return self.log.read_text().count("Connection from 127.0.0.1") if self.log.exists() else 0
+        # logins, not mere connections: the readiness probe of start() connects too, and its
+        # line may reach the log late
+        return self.log.read_text().count("Accepted publickey for ") if self.log.exists() else 0
 
     def cut_sessions(self):
         """Kill every session of this sshd (the listener stays): the connection drops as if
@@ -346,11 +352,15 @@ def test_remote_chain_gives_the_same_labels_as_a_local_build(lab, remote_build):
     assert not list(folder.glob(".*partial*"))
     assert not (lab["base"] / "builder-work" / NAME / sha).exists()
 
+    # the other conversion here, with another compression: the same provenance either way
     local = lab["base"] / "local"
-    snakemake(local, "build", config=run_config(lab))
-    local_labels = sif_labels(folder_of(local, sha) / f"{NAME}.sif")
+    snakemake(local, "build", config={**run_config(lab), "sif_conversion": "apptainer", "sif_compression": "gzip"})
+    local_sif = folder_of(local, sha) / f"{NAME}.sif"
+    local_labels = sif_labels(local_sif)
     assert local_labels["repo2singularity.sha"] == sha
     assert sif_labels(sif) == local_labels
+    assert (sif_compression(sif, RUNTIME), sif_compression(local_sif, RUNTIME)) == ("zstd", "gzip")
+    assert "archive_to_sif." in (logs / "build_sif.log").read_text() and "docker-archive://" not in (logs / "build_sif.log").read_text()
 
 
 @pytest.mark.integration
@@ -362,7 +372,9 @@ def test_the_remote_profile_builds_over_ssh_and_unpacks_on_slurm(lab, tmp_path):
     configfile = builder_config(lab, workdir)
     sha = lab["repo"].head()
     before = lab["sshd"].connections()
-    result = snakemake(workdir, "--profile", str(PROJECT / "profiles" / "remote"), "sandbox", "--configfile", configfile, config=run_config(lab))
+    # apptainer's own conversion on the builder, this time
+    config = {**run_config(lab), "sif_conversion": "apptainer"}
+    result = snakemake(workdir, "--profile", str(PROJECT / "profiles" / "remote"), "sandbox", "--configfile", configfile, config=config)
     output = result.stdout + result.stderr
     assert lab["sshd"].connections() - before == 3, "one connection per builder step"
     submitted = re.findall(r"Job \d+ has been submitted with SLURM jobid (\d+)", output)
@@ -370,6 +382,7 @@ def test_the_remote_profile_builds_over_ssh_and_unpacks_on_slurm(lab, tmp_path):
     assert len(records) == 1 and "Comment=rule_unpack_sandbox" in records[0] and "JobState=COMPLETED" in records[0], output[-3000:]
     folder = folder_of(workdir, sha)
     assert sif_labels(folder / f"{NAME}.sif")["repo2singularity.sha"] == sha
+    assert "docker-archive://" in (folder / "logs" / "build_sif.log").read_text()
     assert (folder / "sandbox" / "blob").is_file()
 
 

@@ -3,6 +3,7 @@ builds it from a saved image, and the writable sandbox unpacked from it."""
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 from .files import remove_tree, replace_folder, sha256_file, temporary_sibling
@@ -44,8 +45,26 @@ def sif_build_command(runtime, compression, sif, tarball):
     return [runtime, "build", *compression_arguments(compression), str(sif), f"docker-archive://{tarball}"]
 
 
-def step_name(runtime, compression, where=""):
-    return f"build_sif ({Path(runtime).name} build{where}, {compression or FALLBACK_COMPRESSION})"
+# the fast conversion: one self-contained file, so that a builder can run it without this project
+ARCHIVE_TO_SIF = Path(__file__).with_name("archive_to_sif.py")
+CONVERSIONS = ("fast", "apptainer")
+
+
+def fast_sif_command(python, script, runtime, compression, sif, tarball):
+    """archive_to_sif.py: the saved image streamed into mksquashfs, no temporary tree. It takes
+    any compression mksquashfs has, with no runtime support needed."""
+    return [python, str(script), "--compression", compression or FALLBACK_COMPRESSION, "--runtime", runtime, str(tarball), str(sif)]
+
+
+def conversion_command(conversion, runtime, compression, sif, tarball, python=sys.executable, script=ARCHIVE_TO_SIF):
+    if conversion == "fast":
+        return fast_sif_command(python, script, runtime, compression, sif, tarball)
+    return sif_build_command(runtime, compression, sif, tarball)
+
+
+def step_name(conversion, runtime, compression, where=""):
+    how = "fast conversion" if conversion == "fast" else f"{Path(runtime).name} build"
+    return f"build_sif ({how}{where}, {compression or FALLBACK_COMPRESSION})"
 
 
 def check_sif(sif, checksum):

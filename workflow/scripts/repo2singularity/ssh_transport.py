@@ -335,6 +335,10 @@ class SSHTransport:
             )
         return StepError(f"the connection to builder {self.target.display} failed while {doing}{f': {detail}' if detail else ''}; run again")
 
+    def connected(self):
+        transport = self.client.get_transport() if self.client else None
+        return bool(transport and transport.is_active()) and not self.silent
+
     def guard(self, doing):
         return ConnectionGuard(self, doing)
 
@@ -432,6 +436,25 @@ class SSHTransport:
         """A small remote file's text, or None when it cannot be read."""
         status, out, _ = self.capture(remote_command(["cat", "--", path]))
         return out if status == 0 else None
+
+    def put_file(self, data, remote_path):
+        """`data` (bytes) as a file on the other side: written beside it, then renamed."""
+        partial = f"{remote_path}.partial"
+        command = remote_command(["mkdir", "-p", "--", posixpath.dirname(remote_path)]) + f" && cat > {shlex.quote(partial)} && " + remote_command(
+            ["mv", "-f", "--", partial, remote_path]
+        )
+        with self.guard(f"sending {posixpath.basename(remote_path)}"):
+            channel = self.client.get_transport().open_session()
+            channel.set_combine_stderr(True)
+            channel.exec_command(command)
+            channel.sendall(data)
+            channel.shutdown_write()
+            output = b""
+            while chunk := channel.recv(32768):
+                output += chunk[: 4096 - len(output)]
+            status = channel.recv_exit_status()
+        if status != 0:
+            raise StepError(f"builder {self.target.display}: writing {remote_path} failed: {last_line(output.decode('utf-8', 'replace'), f'exit status {status}')}")
 
     def send_folder(self, folder, remote_folder):
         """Put a copy of a local folder at `remote_folder` (replacing what is there): packed as a

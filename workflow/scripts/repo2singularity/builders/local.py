@@ -27,6 +27,7 @@ class LocalBuilder(Builder):
         super().__init__(config, log)
         self.runtime = config["runtime"]
         self.compression_setting = config["sif_compression"]
+        self.conversion = config["sif_conversion"]
         self._engine = None
 
     @property
@@ -123,10 +124,16 @@ class LocalBuilder(Builder):
         say(f"  {step}: done in {time.monotonic() - started:.0f} s ({written / 1e6:.0f} MB)")
 
     def build_sif(self, name, sha, saved, sif, checksum):
-        compression = runtime.choose_compression(self.compression_setting, runtime.supports_mksquashfs_args(self.runtime))
+        # the fast conversion runs mksquashfs itself: every compression it has
+        supported = self.conversion == "fast" or runtime.supports_mksquashfs_args(self.runtime)
+        compression = runtime.choose_compression(self.compression_setting, supported)
         partial = temporary_sibling(sif, ".sif")
         try:
-            run_logged(runtime.sif_build_command(self.runtime, compression, partial, saved), self.log, runtime.step_name(self.runtime, compression))
+            run_logged(
+                runtime.conversion_command(self.conversion, self.runtime, compression, partial, saved),
+                self.log,
+                runtime.step_name(self.conversion, self.runtime, compression),
+            )
             os.chmod(partial, 0o644)
             digest = sha256_file(partial)
             os.replace(partial, sif)

@@ -4,8 +4,10 @@ comes back. Artefacts that stay there are named in receipts here, and each step 
 input against its receipt first. The host needs a POSIX shell, coreutils, tar and flock; no
 Snakemake, no SFTP, no shared file system."""
 
+import hashlib
 import json
 import posixpath
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +21,14 @@ from ..step import StepError
 from .base import Builder, InvalidBuilder
 
 SLOT_WAIT_SECONDS = 2
-TOOLS = ("docker", "buildx", "repo2docker", "runtime", "flock")
+TOOLS = ("docker", "buildx", "repo2docker", "runtime", "flock", "python", "mksquashfs")
 # what each step needs: a step checks its own tools, so a rerun that starts at a later step is
 # still checked first, and the cheap steps do not wait for repo2docker to start
-STEP_TOOLS = {"build_image": TOOLS, "save_image": ("docker",), "build_sif": ("runtime",)}
+STEP_TOOLS = {"build_image": TOOLS, "save_image": ("docker",), "build_sif": ("runtime", "python", "mksquashfs")}
+# only the fast conversion needs these on the builder
+FAST_CONVERSION_TOOLS = ("python", "mksquashfs")
+PYTHON_MINIMUM = (3, 11)
+MKSQUASHFS_MINIMUM = (4, 5)
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,7 @@ class SSHBuilderSettings:
     target: SSHTarget
     workdir: str
     runtime: str
+    python: str
     repo2docker: str
     max_builds: int
     keep_images: int
@@ -66,6 +73,7 @@ class SSHBuilderSettings:
             target=target,
             workdir=str(values["workdir"]),
             runtime=str(values["runtime"]),
+            python=str(values["python"]),
             repo2docker=str(values["repo2docker"]),
             max_builds=max_builds,
             keep_images=keep_images,
@@ -83,6 +91,7 @@ def remote_paths(workdir, name, sha):
         "sif": posixpath.join(folder, f"{name}.sif"),
         "checksum": posixpath.join(folder, f"{name}.sif.sha256"),
         "build_slots": posixpath.join(workdir, ".build-slots"),
+        "tools": posixpath.join(workdir, ".tools"),
     }
 
 
@@ -193,6 +202,18 @@ def preflight_problems(settings, workdir, checks, needs=TOOLS):
     rc, text = checks.get("flock", (127, ""))
     if "flock" in needs and rc != 0:
         problems.append(f"{where}: flock (util-linux) does not run, and max_builds needs it: {last_line(text, 'not found')}")
+    rc, text = checks.get("python", (127, ""))
+    if "python" in needs and (rc != 0 or version_of(text) < PYTHON_MINIMUM):
+        problems.append(
+            f"{where}: {settings.python} (>= {'.'.join(map(str, PYTHON_MINIMUM))}) does not run, and the fast SIF "
+            f"conversion needs it: {last_line(text, 'not found')}"
+        )
+    rc, text = checks.get("mksquashfs", (127, ""))
+    if "mksquashfs" in needs and (rc != 0 or version_of(text) < MKSQUASHFS_MINIMUM):
+        problems.append(
+            f"{where}: mksquashfs >= {'.'.join(map(str, MKSQUASHFS_MINIMUM))} (squashfs-tools) does not run, and the fast "
+            f"SIF conversion needs it: {last_line(text, 'not found')}"
+        )
     rc, text = checks.get("space", (1, ""))
     free_kb = parse_df(text) if rc == 0 else None
     if free_kb is None:
@@ -203,6 +224,12 @@ def preflight_problems(settings, workdir, checks, needs=TOOLS):
             "free some space (docker image prune, old folders in the work folder)"
         )
     return problems
+
+
+def version_of(text):
+    """(major, minor) of the first version number in a tool's output, else (0, 0)."""
+    found = re.search(r"(\d+)\.(\d+)", text)
+    return (int(found[1]), int(found[2])) if found else (0, 0)
 
 
 def preflight_script(settings, workdir, needs=TOOLS):
@@ -216,6 +243,8 @@ def preflight_script(settings, workdir, needs=TOOLS):
         # which SIF compression the runtime can be told (runtime.choose_compression)
         ("runtime_build_help", [settings.runtime, "build", "--help"]),
         ("flock", ["flock", "--version"]),
+        ("python", [settings.python, "--version"]),
+        ("mksquashfs", ["mksquashfs", "-version"]),
     ]
     commands = [(name, shlex.join(command)) for name, command in checks if name.split("_")[0] in needs]
     commands.append(("space", remote_command(["mkdir", "-p", "--", workdir], ["df", "-Pk", "--", workdir])))
@@ -274,7 +303,12 @@ class BuilderSession:
         if problems:
             self.transport.log("\n".join(problems))
             raise StepError("\n".join(problems))
-        versions = {name: last_line(text) for name, (_, text) in checks.items() if name not in ("space", "runtime_build_help")}
+        # mksquashfs says its version first, then its licence
+        versions = {
+            name: text.splitlines()[0] if name == "mksquashfs" and text else last_line(text)
+            for name, (_, text) in checks.items()
+            if name not in ("space", "runtime_build_help")
+        }
         versions["free_gb"] = round(parse_df(checks["space"][1]) / 1e6, 1)
         if "runtime_build_help" in checks:
             versions["mksquashfs_args"] = "--mksquashfs-args" in checks["runtime_build_help"][1]
@@ -290,6 +324,9 @@ class BuilderSession:
         try:
             self.transport.run_logged(command, self.transport.log_path, step)
         except StepError:
+            # a lost connection is its own answer: asking the engine over it would only hide it
+            if not self.transport.connected():
+                raise
             if self.run(["docker", "version"])[0] != 0:
                 raise StepError(
                     f"{step} failed: the Docker engine on builder {self.settings.target.display} does not answer; "
@@ -312,9 +349,13 @@ class SSHBuilder(Builder):
         super().__init__(config, log)
         self.settings = SSHBuilderSettings.from_config(config)
         self.compression_setting = config["sif_compression"]
+        self.conversion = config["sif_conversion"]
 
     def session(self, step):
-        return BuilderSession(self.settings, self.log, STEP_TOOLS.get(step, TOOLS))
+        needs = STEP_TOOLS.get(step, TOOLS)
+        if self.conversion != "fast":
+            needs = tuple(tool for tool in needs if tool not in FAST_CONVERSION_TOOLS)
+        return BuilderSession(self.settings, self.log, needs)
 
     def build_image(self, spec, source, receipt):
         """Send the clone to the builder, run repo2docker there with the same arguments as a
@@ -407,9 +448,12 @@ class SSHBuilder(Builder):
     def make_sif(self, builder, paths, tarball, saved):
         size = builder.transport.stat(tarball["path"])
         check_tarball_receipt(tarball, None if size is None else {"size": size}, saved)
-        compression = runtime.choose_compression(self.compression_setting, builder.versions["mksquashfs_args"])
+        fast = self.conversion == "fast"
+        compression = runtime.choose_compression(self.compression_setting, fast or builder.versions["mksquashfs_args"])
+        script = self.send_conversion(builder, paths) if fast else None
         partial = paths["sif"] + ".partial"
-        build = remote_command(["rm", "-f", "--", partial], runtime.sif_build_command(self.settings.runtime, compression, partial, tarball["path"]))
+        convert = runtime.conversion_command(self.conversion, self.settings.runtime, compression, partial, tarball["path"], self.settings.python, script)
+        build = remote_command(["rm", "-f", "--", partial], convert)
         # the tarball's digest is checked while the SIF is built from it (hashing it first would
         # cost the chain a full read), and the SIF takes its name only if it matched; the
         # checksum file comes last, so that it marks a finished SIF
@@ -426,13 +470,22 @@ class SSHBuilder(Builder):
                 + " && "
                 + remote_command(["mv", "-f", "--", paths["checksum"] + ".partial", paths["checksum"]]),
                 self.log,
-                runtime.step_name(self.settings.runtime, compression, f" on {self.settings.target.host}"),
+                runtime.step_name(self.conversion, self.settings.runtime, compression, f" on {self.settings.target.host}"),
             )
         except StepError:
             found = (builder.transport.read_text(found_file) or "").split()
             if found and found[0] != tarball["sha256"]:
                 check_tarball_receipt(tarball, {"size": size, "sha256": found[0]}, saved)
             raise
+
+    @staticmethod
+    def send_conversion(builder, paths):
+        """archive_to_sif.py on the builder, under a name of its content (sent once per version)."""
+        data = runtime.ARCHIVE_TO_SIF.read_bytes()
+        script = posixpath.join(paths["tools"], f"archive_to_sif.{hashlib.sha256(data).hexdigest()[:16]}.py")
+        if not builder.transport.existing([script]):
+            builder.transport.put_file(data, script)
+        return script
 
     @staticmethod
     def finished_sif(builder, paths):
