@@ -3,6 +3,9 @@
 #   bash setup.sh example   build the bundled example, launch Jupyter from it, print how to connect
 #   bash setup.sh test      run the test suite
 #   bash setup.sh check     say what is missing, change nothing
+# Or set up one host of a split installation:
+#   bash setup.sh builder ACCOUNT [--authorize PUBKEY_FILE]   (root) a remote builder for ACCOUNT
+#   bash setup.sh login [remote|slurm|local]   (the workflow's user) a login node: no root, no Docker
 # Run as root, the system is provisioned and the workflow then runs as the unprivileged account
 # $R2S_USER (default r2s, in the docker group): Apptainer does not run as root on every host,
 # and on HPC it never does. Run as any other user, nothing is installed system-wide: the script
@@ -15,8 +18,16 @@ account=${R2S_USER:-r2s}
 
 case "$action" in
     example | test | check) ;;
+    builder)
+        shift
+        exec bash setup/builder.sh "$@"
+        ;;
+    login)
+        shift
+        exec bash setup/login.sh "$@"
+        ;;
     *)
-        echo "usage: bash setup.sh [example|test|check]" >&2
+        echo "usage: bash setup.sh [example|test|check] | builder ACCOUNT [--authorize PUBKEY_FILE] | login [remote|slurm|local]" >&2
         exit 2
         ;;
 esac
@@ -44,20 +55,14 @@ if [ "$(id -u)" -eq 0 ]; then
             mount -t tmpfs -o size=600m,mode=0755 r2s-small "$small"
         fi
         chown "$account:" "$small"
-        # the remote-builder tests run an sshd of their own as the account (tests/test_remote.py);
-        # only the program is needed: policy-rc.d keeps the package from starting a system sshd
-        if [ ! -x /usr/sbin/sshd ]; then
-            echo "openssh-server: installing (not started)"
-            policy=/usr/sbin/policy-rc.d
-            made_policy=0
-            if [ ! -e "$policy" ]; then
-                printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 0755 "$policy" && made_policy=1
-                trap 'rm -f /usr/sbin/policy-rc.d' EXIT
-            fi
-            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssh-server >/dev/null
-            if [ "$made_policy" = 1 ]; then
-                rm -f "$policy" && trap - EXIT
-            fi
+        # the remote-builder tests run an sshd of their own as the account (tests/test_remote.py), and
+        # the three-host suite (tests/hosts, run as root below) makes a namespace a builder with
+        # `setup.sh builder`, which finds here what it would install (the namespace has no network)
+        bash setup/builder.sh provision
+        # ... and opens the notebook list in a real browser
+        if ! command -v chromium >/dev/null 2>&1; then
+            echo "chromium: installing (tests/hosts opens Jupyter in it)"
+            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
         fi
     fi
     # the account needs a python it can run: root's own may live under /root
@@ -92,7 +97,14 @@ if [ "$(id -u)" -eq 0 ]; then
         as_account .venv/bin/snakemake --cores 2
         echo "(the server runs as $account; stop it with: runuser -u $account -- bash -c 'cd $workspace && .venv/bin/snakemake --cores 1 stop')"
     else
-        as_account .venv/bin/python -m pytest -p no:cacheprovider tests
+        # pytest.ini leaves out tests/hosts, which runs as root: it makes network namespaces and
+        # acts as each host's accounts itself
+        status=0
+        as_account .venv/bin/python -m pytest -p no:cacheprovider tests || status=$?
+        started=$SECONDS
+        (cd "$workspace" && PYTHONDONTWRITEBYTECODE=1 .venv/bin/python -m pytest -p no:cacheprovider tests/hosts) || status=$?
+        echo "tests/hosts took $((SECONDS - started)) s"
+        exit "$status"
     fi
 else
     if ! bash setup/system.sh check; then
