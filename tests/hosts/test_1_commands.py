@@ -4,7 +4,7 @@ KEY` on the builder (as root), `bash setup.sh login remote` on the login node (a
 import re
 
 from .conftest import PROJECT, accepted_logins, log_size
-from .topology import ADDRESSES, BUILD_ACCOUNT, LOGIN_ACCOUNT, PARTITION, run
+from .topology import ADDRESSES, BUILD_ACCOUNT, PARTITION, run
 
 
 def test_each_host_has_its_name_address_and_stock_hosts_file(lab):
