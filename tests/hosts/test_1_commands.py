@@ -3,7 +3,7 @@ KEY` on the builder (as root), `bash setup.sh login remote` on the login node (a
 
 import re
 
-from .conftest import PROJECT, accepted_logins, log_size
+from .lab import PROJECT, accepted_logins, log_size
 from .topology import ADDRESSES, BUILD_ACCOUNT, PARTITION, run
 
 

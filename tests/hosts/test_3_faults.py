@@ -5,7 +5,7 @@ import os
 import signal
 import subprocess
 
-from .conftest import make_repo
+from .lab import make_repo
 from .topology import ADDRESSES, STATE, kill_all, run, wait_for
 
 
