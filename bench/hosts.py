@@ -8,9 +8,10 @@
   `builder: local`: the same tools on the same Docker engine, no SSH, no Slurm.
 
 Both build the same repository from the login host's git daemon; every chain builds a commit of
-its own (a fresh word in the repository), so every step runs and Docker's cache helps both alike,
-and the order alternates (3, 1, 1, 3, ...). The topology is that of tests/hosts (set up and torn
-down here), so run it as root:
+its own (a fresh word in the repository), so every step runs. One untimed chain of each kind comes
+first: repo2docker passes the account's uid to the build, so each kind has layers of its own in
+Docker's cache, and both start warm. Then the order alternates (3, 1, 1, 3, ...). The topology is
+that of tests/hosts (set up and torn down here), so run it as root:
     .venv/bin/python bench/hosts.py [--rounds 2] [--repo jupyter|tiny]
 """
 
@@ -96,6 +97,8 @@ def main():
     with open_lab() as lab:
         ready_login_node(lab, make_builder(lab))
         chains = Chains(lab, args.repo)
+        for mode, chain in (("three hosts", chains.three_hosts), ("one host", chains.one_host)):
+            print(f"  warm-up, {mode:11s}: {chain()[0]:6.1f} s (not counted)", flush=True)
         for number in range(args.rounds):
             order = ("three hosts", "one host") if number % 2 == 0 else ("one host", "three hosts")
             for mode in order:

@@ -38,21 +38,14 @@ usage() {
 
 # ---------------------------------------------------------------- machine-wide steps
 
-step_flock() {
-    if command -v flock >/dev/null 2>&1; then
-        say "flock: present ($(flock --version | head -n 1))"
+# A command from a Debian package, installed if missing.
+step_tool() {
+    local tool=$1 package=$2
+    if command -v "$tool" >/dev/null 2>&1; then
+        say "$package: present ($tool)"
     else
-        say "flock: installing util-linux..."
-        apt_install util-linux
-    fi
-}
-
-step_mksquashfs() {
-    if command -v mksquashfs >/dev/null 2>&1; then
-        say "squashfs-tools: present"
-    else
-        say "squashfs-tools: installing..."
-        apt_install squashfs-tools
+        say "$package: installing..."
+        apt_install "$package"
     fi
 }
 
@@ -125,13 +118,11 @@ provision() {
     else
         step_apptainer
     fi
-    step_mksquashfs
-    step_flock
+    step_tool mksquashfs squashfs-tools
+    step_tool flock util-linux
     step_repo2docker
     step_sshd_program
-    if ! command -v git >/dev/null 2>&1; then
-        apt_install git
-    fi
+    step_tool git git
 }
 
 # ---------------------------------------------------------------- the account and its sshd
