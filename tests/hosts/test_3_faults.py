@@ -36,6 +36,7 @@ def test_the_builders_link_going_down_during_the_build_is_one_line_and_a_rerun_c
             started.kill()
     assert started.returncode != 0 and "Traceback" not in stderr
     failures = error_lines(stderr, "build_image: ")
+    print(failures)
     assert len(failures) == 1, stderr[-4000:]
     assert ADDRESSES["builder"] in failures[0] and "run again" in failures[0], failures[0]
     # what happened: the builder stopped answering (not a tool that failed there)
@@ -71,6 +72,7 @@ def test_node1s_slurmd_dying_while_the_jupyter_job_waits_is_one_line_naming_the_
         _, stderr = started.communicate(timeout=600)
         assert started.returncode != 0 and "Traceback" not in stderr
         failures = error_lines(stderr, "launch_jupyter: ")
+        print(failures)
         assert len(failures) == 1 and f"Slurm job {job} " in failures[0], stderr[-4000:]
         assert lab.cluster.job(job).get("JobState") == "CANCELLED"
     finally:
