@@ -6,13 +6,14 @@
   the SIF back to the login node, the sandbox unpacked by a Slurm job on node1;
 - one host: the builder's account on the builder host runs `snakemake --cores 2 sandbox` with
   `builder: local`: the same tools on the same Docker engine, no SSH, no Slurm.
+With `--target build` both stop at the SIF: the builder over SSH alone, without Slurm.
 
 Both build the same repository from the login host's git daemon; every chain builds a commit of
 its own (a fresh word in the repository), so every step runs. One untimed chain of each kind comes
 first: repo2docker passes the account's uid to the build, so each kind has layers of its own in
 Docker's cache, and both start warm. Then the order alternates (3, 1, 1, 3, ...). The topology is
 that of tests/hosts (set up and torn down here), so run it as root:
-    .venv/bin/python bench/hosts.py [--rounds 2] [--repo jupyter|tiny]
+    .venv/bin/python bench/hosts.py [--rounds 2] [--repo jupyter|tiny] [--target sandbox|build]
 """
 
 import argparse
@@ -52,9 +53,10 @@ def step_seconds(folder):
 
 
 class Chains:
-    def __init__(self, lab, kind):
+    def __init__(self, lab, kind, target):
         self.lab = lab
         self.kind = kind
+        self.target = target
         self.work = STATE / "repos" / "bench"
         make_repo(self.work, repository_files(kind, os.urandom(8).hex()))
         self.url = lab.git.publish("bench", self.work)
@@ -71,14 +73,14 @@ class Chains:
     def three_hosts(self):
         sha = self.new_commit()
         started = time.monotonic()
-        self.lab.as_login(["snakemake", "--profile", "remote", "sandbox", "--config", f"repo={self.url}", "ref=main"])
+        self.lab.as_login(["snakemake", "--profile", "remote", self.target, "--config", f"repo={self.url}", "ref=main"])
         elapsed = time.monotonic() - started
         return elapsed, step_seconds(next((self.lab.checkout / "results").glob(f"*/{sha}")))
 
     def one_host(self):
         sha = self.new_commit()
         account = self.lab.build_account
-        command = [SNAKEMAKE, "--snakefile", PROJECT / "Snakefile", "--directory", self.one_host_dir, "--cores", "2", "sandbox",
+        command = [SNAKEMAKE, "--snakefile", PROJECT / "Snakefile", "--directory", self.one_host_dir, "--cores", "2", self.target,
                    "--config", f"repo={self.url}", "ref=main"]
         started = time.monotonic()
         self.lab.builder.run(command, user=account, cwd=self.one_host_dir, timeout=3600)
@@ -89,6 +91,7 @@ class Chains:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=2, help="chains of each kind, in alternating order")
+    parser.add_argument("--target", choices=("sandbox", "build"), default="sandbox", help="where the chain stops: the sandbox, or the SIF")
     parser.add_argument("--repo", choices=("jupyter", "tiny"), default="jupyter",
                         help="jupyter: the bundled example (Debian's Jupyter, a ~260 MB SIF); tiny: debian + 24 MB of random bytes")
     args = parser.parse_args()
@@ -96,7 +99,7 @@ def main():
     steps = {"three hosts": [], "one host": []}
     with open_lab() as lab:
         ready_login_node(lab, make_builder(lab))
-        chains = Chains(lab, args.repo)
+        chains = Chains(lab, args.repo, args.target)
         for mode, chain in (("three hosts", chains.three_hosts), ("one host", chains.one_host)):
             print(f"  warm-up, {mode:11s}: {chain()[0]:6.1f} s (not counted)", flush=True)
         for number in range(args.rounds):
@@ -107,7 +110,7 @@ def main():
                 steps[mode].append(seconds)
                 print(f"  round {number + 1}, {mode:11s}: {elapsed:6.1f} s  "
                       + "  ".join(f"{step} {seconds.get(step, 0):.1f}" for step in STEPS), flush=True)
-    print(f"\ncold chain (resolve -> sandbox), repo {args.repo}, median of {args.rounds}:")
+    print(f"\ncold chain (resolve -> {args.target}), repo {args.repo}, median of {args.rounds}:")
     for mode in times:
         print(f"   {mode:11s} {statistics.median(times[mode]):7.1f} s   ({', '.join(f'{t:.1f}' for t in times[mode])})")
         medians = {step: statistics.median(s.get(step, 0) for s in steps[mode]) for step in STEPS}
