@@ -59,7 +59,7 @@ def test_node1s_slurmd_dying_while_the_jupyter_job_waits_is_one_line_naming_the_
     started = None
     try:
         wait_for(lambda: lab.cluster.job(blocker).get("JobState") == "RUNNING", 60, f"the blocking job {blocker} did not start")
-        started = lab.popen_as_login([*journey.command, "slurm_queue_timeout=60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        started = lab.popen_as_login([*journey.command, "slurm_queue_timeout=40"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
         def pending_jupyter_job():
             assert started.poll() is None, f"the run ended before its Jupyter job was queued:\n{started.stderr.read()[-3000:]}"

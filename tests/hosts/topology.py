@@ -20,9 +20,9 @@ state, spool, pid and log files, and its daemons live in the namespaces (so the 
 import contextlib
 import ctypes
 import fcntl
+import grp
 import os
 import pwd
-import grp
 import shutil
 import signal
 import socket
@@ -133,10 +133,6 @@ class Host:
     def __init__(self, name, address=None):
         self.name = name
         self.address = address
-
-    @property
-    def fqdn(self):
-        return f"{self.name}.{DOMAIN}"
 
     def command(self, argv, user=None, env=None):
         words = ["ip", "netns", "exec", self.name, "unshare", "--uts", "--", "sh", "-c", 'hostname "$0" && exec "$@"', self.name]
@@ -265,11 +261,10 @@ class Network:
             device = "eth1" if name == "login" else "eth0"
             run(["ip", "-n", name, "addr", "add", f"{address}/24", "dev", device])
             run(["ip", "-n", name, "link", "set", device, "up"])
-        others = {name: address for name, address in ADDRESSES.items()}
         for name in ADDRESSES:
             folder = NETNS_ETC / name
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / "hosts").write_text(hosts_file(name, {k: v for k, v in others.items() if k != name}))
+            (folder / "hosts").write_text(hosts_file(name, {other: address for other, address in ADDRESSES.items() if other != name}))
         (NETNS_ETC / "laptop").mkdir(parents=True, exist_ok=True)
         (NETNS_ETC / "laptop" / "hosts").write_text(hosts_file("laptop", {"login": LAPTOP_LINK["login"]}))
 
@@ -291,6 +286,8 @@ class Network:
         with contextlib.suppress(OSError):
             NETNS_ETC.rmdir()
         shutil.rmtree(STATE, ignore_errors=True)
+        # the cluster's state goes too; its logs (SLURM_LOGS) stay for a look after a failure
+        shutil.rmtree(SLURM_STATE, ignore_errors=True)
 
 
 class SlurmCluster:
