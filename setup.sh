@@ -97,13 +97,19 @@ if [ "$(id -u)" -eq 0 ]; then
         as_account .venv/bin/snakemake --cores 2
         echo "(the server runs as $account; stop it with: runuser -u $account -- bash -c 'cd $workspace && .venv/bin/snakemake --cores 1 stop')"
     else
-        # pytest.ini leaves out tests/hosts, which runs as root: it makes network namespaces and
-        # acts as each host's accounts itself
+        # pytest.ini leaves out tests/hosts, which runs as root (it makes network namespaces and
+        # acts as each host's accounts itself), beside the account's run: it mostly waits (on
+        # Slurm, idle culling, keepalives), so the two together take little longer than one
+        hosts_log=$(mktemp /tmp/r2s-tests-hosts.XXXXXX)
+        (cd "$workspace" && PYTHONDONTWRITEBYTECODE=1 exec .venv/bin/python -m pytest -p no:cacheprovider tests/hosts) >"$hosts_log" 2>&1 &
+        hosts=$!
+        started=$SECONDS
         status=0
         as_account .venv/bin/python -m pytest -p no:cacheprovider tests || status=$?
-        started=$SECONDS
-        (cd "$workspace" && PYTHONDONTWRITEBYTECODE=1 .venv/bin/python -m pytest -p no:cacheprovider tests/hosts) || status=$?
-        echo "tests/hosts took $((SECONDS - started)) s"
+        echo "tests/ (as $account) took $((SECONDS - started)) s"
+        wait "$hosts" || status=$?
+        echo "---- tests/hosts, as root, beside the run above (its log: $hosts_log), ended after $((SECONDS - started)) s:"
+        cat "$hosts_log"
         exit "$status"
     fi
 else
