@@ -299,30 +299,27 @@ class SlurmCluster:
         self.login = network["login"]
         self.node = network["node1"]
 
-    def config(self):
+    # what this cluster sets itself; every other setting is the machine's cluster's (setup/slurm.sh:
+    # no cgroups, no accounting database), read from /etc/slurm/slurm.conf
+    OWN_SETTINGS = {"ClusterName", "SlurmctldHost", "StateSaveLocation", "SlurmdSpoolDir", "SlurmctldPidFile", "SlurmdPidFile",
+                    "SlurmctldLogFile", "SlurmdLogFile", "SlurmdTimeout", "JobRequeue", "MinJobAge", "NodeName", "PartitionName"}
+
+    def config(self, machine_config=Path("/etc/slurm/slurm.conf")):
         run_dir = STATE / "slurm"
-        return textwrap.dedent(
+        shared = [
+            line for line in machine_config.read_text().splitlines()
+            if line.strip() and not line.startswith("#") and line.split("=", 1)[0].strip() not in self.OWN_SETTINGS
+        ]
+        own = textwrap.dedent(
             f"""\
-            # repo2singularity tests/hosts: controller on login, one compute node node1
             ClusterName=r2s-hosts
             SlurmctldHost=login({ADDRESSES['login']})
-            SlurmUser=slurm
-            AuthType=auth/munge
             StateSaveLocation={SLURM_STATE}/ctld
             SlurmdSpoolDir={SLURM_STATE}/slurmd-%n
             SlurmctldPidFile={run_dir}/slurmctld.pid
             SlurmdPidFile={run_dir}/slurmd-%n.pid
             SlurmctldLogFile={SLURM_LOGS}/slurmctld.log
             SlurmdLogFile={SLURM_LOGS}/slurmd-%n.log
-            ProctrackType=proctrack/linuxproc
-            TaskPlugin=task/none
-            SelectType=select/cons_tres
-            SelectTypeParameters=CR_Core_Memory
-            AccountingStorageType=accounting_storage/none
-            JobAcctGatherType=jobacct_gather/none
-            JobCompType=jobcomp/none
-            SchedulerType=sched/backfill
-            ReturnToService=2
             # a node whose slurmd is gone is DOWN within seconds, and its jobs are not requeued
             SlurmdTimeout=10
             JobRequeue=0
@@ -331,9 +328,11 @@ class SlurmCluster:
             PartitionName={PARTITION} Nodes=node1 Default=YES MaxTime=INFINITE State=UP
             """
         )
+        return "# repo2singularity tests/hosts: controller on login, one compute node node1\n" + "\n".join(shared) + "\n" + own
 
     def start(self):
         assert Path("/run/munge/munge.socket.2").exists(), "munged is not running: as root run `bash setup/slurm.sh`"
+        assert Path("/etc/slurm/slurm.conf").exists(), "no Slurm cluster on this machine: as root run `bash setup/slurm.sh`"
         for tool in ("slurmctld", "slurmd", "sbatch"):
             assert shutil.which(tool), f"{tool} is missing: as root run `bash setup/slurm.sh`"
         shutil.rmtree(SLURM_STATE, ignore_errors=True)
