@@ -26,8 +26,8 @@ sys.path.insert(0, str(PROJECT / "workflow" / "scripts"))
 sys.path.insert(0, str(PROJECT / "tests"))
 
 from conftest import GitRepo  # noqa: E402
-from image import image_labels, repo2docker_command  # noqa: E402
-from runtime import compression_arguments  # noqa: E402
+from repo2singularity.image import ImageSpec, image_labels, repo2docker_command  # noqa: E402
+from repo2singularity.runtime import compression_arguments  # noqa: E402
 
 
 def run(command, **kwargs):
@@ -54,7 +54,8 @@ def by_hand(repo, sha, folder, runtime, compression):
     run(["git", "clone", "--quiet", str(repo.path), source])
     tag = f"r2s-bench-hand:{sha}"
     labels = image_labels(str(repo.path), "main", sha)
-    run(repo2docker_command(source, tag, labels, "jovyan", os.getuid() or 1000))
+    spec = ImageSpec("hand", sha, tag, labels, "jovyan", os.getuid() or 1000)
+    run(repo2docker_command(str(BIN / "repo2docker"), source, spec))
     run(["docker", "save", "--output", folder / "image.tar", tag])
     run([runtime, "build", *compression_arguments(compression), folder / "hand.sif", f"docker-archive://{folder / 'image.tar'}"])
     return time.monotonic() - started, tag

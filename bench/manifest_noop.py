@@ -30,9 +30,10 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(PROJECT / "tests"))
 sys.path.insert(0, str(PROJECT / "workflow" / "scripts"))
 
-import builds  # noqa: E402
 from conftest import GitRepo  # noqa: E402
-from repository import Repository  # noqa: E402
+from repo2singularity import builds  # noqa: E402
+from repo2singularity.processes import free_port  # noqa: E402
+from repo2singularity.repository import Repository  # noqa: E402
 
 
 def snakemake(workdir, manifest, *args):
@@ -50,14 +51,6 @@ def clone_result(seed_folder, folder, name):
     for suffix in (".sif", ".sif.sha256"):
         os.link(seed_folder / f"seed{suffix}", folder / f"{name}{suffix}")
     shutil.copy2(seed_folder / "image.json", folder / "image.json")
-
-
-def free_port():
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def start_git_daemon(base):
@@ -81,7 +74,7 @@ def measure(workdir, manifest, urls, rounds):
     settings = builds.Settings(
         runtime="apptainer", image_prefix="r2s-", user_name="jovyan", user_id=None, repo2docker_args=(),
         sif_compression="auto", jupyter_command=("jupyter",), launch_timeout=1, launch_writable=True,
-        from_manifest=True,
+        resolve_connections=8, keep_sifs=3, from_manifest=True,
         builds={f"i{index}": builds.BuildSpec(f"i{index}", Repository(url), "main") for index, url in enumerate(urls)},
     )
     for _ in range(rounds):

@@ -27,10 +27,10 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(PROJECT / "workflow" / "scripts"))
 sys.path.insert(0, str(PROJECT / "tests"))
 
-import builder  # noqa: E402
 from conftest import GitRepo  # noqa: E402
-from steps import sha256_file  # noqa: E402
-from test_remote import RUNTIME, Sshd, builder_config, keygen  # noqa: E402
+from repo2singularity.files import sha256_file  # noqa: E402
+from repo2singularity.ssh_transport import SSHTransport  # noqa: E402
+from test_remote import RUNTIME, Sshd, builder_config, keygen, ssh_settings  # noqa: E402
 
 
 def quiet(command, **kwargs):
@@ -38,10 +38,10 @@ def quiet(command, **kwargs):
 
 
 def transfer(lab, source, size, repeat):
-    settings = builder.settings_from_config({"builder": {
+    target = ssh_settings({
         "host": "127.0.0.1", "port": lab["sshd"].port, "key_file": str(lab["client_key"]),
         "known_hosts": str(lab["known_hosts"]),
-    }})
+    }).target
     digest = sha256_file(source)
     rows = {"builder transport (stream + sha256)": [], "scp": [], "scp -O (reference)": [], "paramiko SFTP get (reference)": []}
     for _ in range(repeat):
@@ -49,7 +49,7 @@ def transfer(lab, source, size, repeat):
         target.parent.mkdir(exist_ok=True)
         target.unlink(missing_ok=True)
         started = time.monotonic()
-        with builder.Builder(settings) as connection:
+        with SSHTransport(target) as connection:
             connection.download(str(source), target, digest)
         rows["builder transport (stream + sha256)"].append(time.monotonic() - started)
         copy = lab["base"] / "down" / "scp.sif"
@@ -67,7 +67,7 @@ def transfer(lab, source, size, repeat):
         # what the transport used before: paramiko's SFTP with prefetch (no hashing), for reference
         copy.unlink()
         started = time.monotonic()
-        with builder.Builder(settings) as connection:
+        with SSHTransport(target) as connection:
             connection.client.open_sftp().get(str(source), str(copy), prefetch=True)
         rows["paramiko SFTP get (reference)"].append(time.monotonic() - started)
     return {name: size / statistics.median(times) / 1e6 for name, times in rows.items()}, rows

@@ -3,7 +3,8 @@
 #
 #   setup/system.sh install   (as root) install only what is missing:
 #                             Docker engine + buildx, the base image debian:bookworm,
-#                             Apptainer, and an unprivileged account in the docker group
+#                             Apptainer, and an unprivileged account in the docker group and
+#                             in r2s-apptainer (whose members may run Apptainer on Debian 12)
 #   setup/system.sh check     (any user) report what is missing for the CURRENT user;
 #                             exit 0 if nothing is missing, 1 otherwise
 #
@@ -18,8 +19,13 @@ BASE_IMAGE=debian:bookworm
 BASE_SUITE=bookworm
 ROOTFS=/opt/repo2singularity/apptainer-rootfs
 ENTRY=/usr/local/libexec/repo2singularity/apptainer-entry
+NAMESPACE_STAGE=/usr/local/libexec/repo2singularity/apptainer-namespace
 WRAPPER=/usr/local/bin/apptainer
 SUDOERS_FILE=/etc/sudoers.d/repo2singularity
+# members may run apptainer through the entry script (Debian 12); the build and test accounts
+APPTAINER_GROUP=r2s-apptainer
+# folders of this machine that apptainer sees at the same paths (Debian 12)
+BOUND_FOLDERS="/home /tmp /var/tmp /work /srv /mnt /opt /media"
 SETUP_LOG=/var/log/repo2singularity-setup.log
 DOCKERD_LOG=/var/log/dockerd.log
 DOCKER_WAIT=${R2S_DOCKER_WAIT:-60}
@@ -355,49 +361,76 @@ step_base_image() {
     say "base image $BASE_IMAGE: imported ($(docker image inspect --format '{{.Size}}' "$BASE_IMAGE" | awk '{printf "%d MB", $1/1e6}'), apt works inside, $(elapsed))"
 }
 
-# The root-owned entry script used on Debian 12 (see TESTBED notes): a private mount
-# namespace with the sid root file system as /, then back to the calling user.
-gen_entry_script() {
-    {
-        printf '#!/bin/bash\n'
-        printf '# Installed by repo2singularity setup/system.sh; runs as root through sudo.\n'
-        printf 'ROOTFS=%s\n' "$ROOTFS"
-        printf 'SELF=%s\n' "$ENTRY"
-        cat <<'EOF'
-# Runs apptainer from the Debian sid root file system in ROOTFS for the calling user:
-# private mount namespace, ROOTFS as /, the host's work folders, the caller's folder and
-# account files bound at the same paths, then setpriv back to SUDO_UID:SUDO_GID and exec
-# apptainer in the caller's folder.  Every stage execs, so the pid started by the caller
-# ends up being apptainer itself (signals, stdin/stdout/stderr and exit code pass through).
+# The Debian 12 route (see TESTBED notes): apptainer from the sid root file system in ROOTFS,
+# started through a root-owned entry script that sudo runs for the members of APPTAINER_GROUP.
+# The entry makes a private mount namespace (the next stage, which no sudo rule names, does the
+# mounts there), shows the root file system as / with the folders of BOUND_FOLDERS and the
+# account files of this machine, and drops back to the caller, who then enters the working
+# folder: root never creates, mounts or enters anything that the caller named.
+# The start of both root-run stages: strict, a fixed PATH, one-line errors, root via sudo only.
+gen_root_preamble() {
+    cat <<'EOF'
 set -euo pipefail
 PATH=/usr/sbin:/usr/bin:/sbin:/bin
 export PATH
 die() { printf 'apptainer (repo2singularity entry): %s\n' "$*" >&2; exit 255; }
 
-[ "$(id -u)" = 0 ] || die "must be started as root through sudo (use the apptainer wrapper)"
+EOF
+    printf '[ "$(id -u)" = 0 ] || die "%s"\n' "$1"
+    cat <<'EOF'
 case "${SUDO_UID:-}:${SUDO_GID:-}" in
     *[!0-9:]*|:*|*:) die "must be started through sudo (SUDO_UID/SUDO_GID missing)" ;;
 esac
+EOF
+}
+
+gen_entry_script() {
+    printf '#!/bin/bash\n'
+    printf '# Installed by repo2singularity setup/system.sh; runs as root through sudo, for the members\n'
+    printf '# of the group %s (see %s).\n' "$APPTAINER_GROUP" "$SUDOERS_FILE"
+    printf 'ROOTFS=%s\n' "$ROOTFS"
+    printf 'NAMESPACE_STAGE=%s\n' "$NAMESPACE_STAGE"
+    gen_root_preamble "must be started as root through sudo (use the apptainer wrapper)"
+    cat <<'EOF'
 [ -x "$ROOTFS/usr/bin/apptainer" ] || die "$ROOTFS has no apptainer; run setup/system.sh install as root"
+# the next stage runs only here, in a mount namespace of its own: no variable or argument of
+# the caller can make it skip the namespace
+exec unshare --mount --propagation private -- "$NAMESPACE_STAGE" "$@"
+EOF
+}
 
-if [ "${R2S_APPTAINER_NS:-}" != 1 ]; then
-    export R2S_APPTAINER_NS=1
-    exec unshare --mount --propagation private -- "$SELF" "$@"
-fi
-unset R2S_APPTAINER_NS
-# never pivot in the machine's own mount namespace
+gen_namespace_script() {
+    printf '#!/bin/bash\n'
+    printf '# Installed by repo2singularity setup/system.sh; run as root by %s in a new mount namespace.\n' "$ENTRY"
+    printf 'ROOTFS=%s\n' "$ROOTFS"
+    printf 'BOUND_FOLDERS=(%s)\n' "$BOUND_FOLDERS"
+    cat <<'EOF'
+# The sid root file system as /, with the folders of BOUND_FOLDERS and the account files of this
+# machine at the same paths; then setpriv back to SUDO_UID:SUDO_GID, and the caller enters its
+# working folder itself (root never enters a folder for the caller: its path could lead, by a
+# symbolic link swapped in meanwhile, below a folder that only root may enter). Every stage
+# execs, so the pid started by the caller ends up being apptainer itself (signals,
+# stdin/stdout/stderr and exit code pass through).
+EOF
+    gen_root_preamble "must be started by the entry script"
+    cat <<'EOF'
 [ "$(readlink /proc/self/ns/mnt)" != "$(readlink /proc/1/ns/mnt)" ] || die "not in a private mount namespace"
-
-cwd=$(pwd -P) || die "the current folder no longer exists"
+cwd=$(pwd -P 2>/dev/null) || die "the current folder no longer exists"
+cd /
 
 mount --bind "$ROOTFS" "$ROOTFS"
-bound=(/proc /sys /dev)
-for d in /home /tmp /var/tmp /work /srv /mnt /opt; do
-    [ -d "$d" ] || continue
+# no setuid program or file capability of the root file system works (newuidmap, su, passwd,
+# chsh, mount...: made for its own /etc, not this machine's): the caller gets no right here
+# that the account does not have on this machine
+mount -o remount,bind,nosuid,nodev "$ROOTFS"
+shown=()
+for d in "${BOUND_FOLDERS[@]}"; do
+    # the mount points are made by setup/system.sh install, never here
+    [ -d "$d" ] && [ -d "$ROOTFS$d" ] && [ ! -L "$ROOTFS$d" ] || continue
     real=$(readlink -f "$d")
-    mkdir -p "$ROOTFS$d"
     mount --rbind "$real" "$ROOTFS$d"
-    bound+=("$d" "$real")
+    shown+=("$d")
+    [ "$real" = "$d" ] || shown+=("$real")
 done
 mount -t proc proc "$ROOTFS/proc"
 mount --rbind /sys "$ROOTFS/sys"
@@ -405,46 +438,21 @@ mount --rbind /dev "$ROOTFS/dev"
 # /dev/fuse is 0666 on a usual Debian system (udev rule of fuse3), but 0600 on machines
 # without udev; squashfuse (running SIF files without extracting them) needs it usable.
 # Give this namespace its own 0666 node instead of changing the machine's.
-if [ -c /dev/fuse ] && [ "$(stat -c %a /dev/fuse)" != 666 ]; then
-    mkdir -p "$ROOTFS/.r2s-dev"
+if [ -c /dev/fuse ] && [ "$(stat -c %a /dev/fuse)" != 666 ] && [ -d "$ROOTFS/.r2s-dev" ]; then
     mount -t tmpfs -o size=16k,mode=0755 r2s-dev "$ROOTFS/.r2s-dev"
     mknod -m 0666 "$ROOTFS/.r2s-dev/fuse" c "$((0x$(stat -c %t /dev/fuse)))" "$((0x$(stat -c %T /dev/fuse)))"
     mount --bind "$ROOTFS/.r2s-dev/fuse" "$ROOTFS/dev/fuse"
     umount -l "$ROOTFS/.r2s-dev"
 fi
 for f in /etc/passwd /etc/group /etc/hosts /etc/resolv.conf /etc/subuid /etc/subgid; do
-    [ -f "$f" ] || continue
-    [ -L "$ROOTFS$f" ] && rm -f "$ROOTFS$f"
-    [ -e "$ROOTFS$f" ] || : >"$ROOTFS$f"
+    [ -f "$f" ] && [ -f "$ROOTFS$f" ] && [ ! -L "$ROOTFS$f" ] || continue
     mount --bind "$f" "$ROOTFS$f"
 done
 
-# The caller's folder at the same path, unless it is already visible through a bind above.
-# Not covered: a non-empty system folder of the root file system, or a path that runs
-# through a symbolic link inside the root file system.
-inside=0
-for d in "${bound[@]}"; do
-    case "$cwd" in "$d"|"$d"/*) inside=1 ;; esac
-done
-if [ "$cwd" != / ] && [ "$inside" = 0 ]; then
-    target="$ROOTFS$cwd"
-    if [ "$(realpath -m "$target")" = "$(realpath "$ROOTFS")$cwd" ]; then
-        [ -e "$target" ] || mkdir -p "$target"
-    fi
-    if [ -d "$target" ] && [ ! -L "$target" ] && [ -z "$(ls -A "$target")" ] \
-        && [ "$(realpath "$target")" = "$(realpath "$ROOTFS")$cwd" ]; then
-        mount --bind "$cwd" "$target"
-    else
-        printf 'apptainer (repo2singularity entry): note: %s is a system folder of the apptainer root file system; relative paths refer to that copy\n' "$cwd" >&2
-    fi
-fi
-
-mkdir -p "$ROOTFS/.oldroot"
 cd "$ROOTFS"
 pivot_root . .oldroot
 cd /
 umount -l /.oldroot
-cd "$cwd" || die "cannot enter $cwd inside the apptainer root file system"
 
 uid=$SUDO_UID gid=$SUDO_GID
 user=${SUDO_USER:-$(getent passwd "$uid" | cut -d: -f1)}
@@ -460,35 +468,72 @@ if [ -n "${R2S_CALLER_TMPDIR+x}" ]; then
     export TMPDIR="$R2S_CALLER_TMPDIR"
     unset R2S_CALLER_TMPDIR
 fi
-exec setpriv --reuid "$uid" --regid "$gid" --init-groups -- /usr/bin/apptainer "$@"
+inside=0
+for d in "${shown[@]}" /proc /sys /dev; do
+    case "$cwd" in "$d"|"$d"/*) inside=1 ;; esac
+done
+[ "$cwd" != / ] || inside=1
+exec setpriv --reuid "$uid" --regid "$gid" --init-groups -- /bin/bash -c '
+    cwd=$1 inside=$2 shown=$3
+    shift 3
+    if ! cd -P -- "$cwd" 2>/dev/null; then
+        if [ "$inside" = 1 ]; then
+            printf "apptainer (repo2singularity entry): cannot enter %s\n" "$cwd" >&2
+        else
+            printf "apptainer (repo2singularity entry): %s is not visible to apptainer here; run it from a folder under %s\n" "$cwd" "$shown" >&2
+        fi
+        exit 255
+    fi
+    if [ "$inside" != 1 ]; then
+        printf "apptainer (repo2singularity entry): note: %s is a folder of the apptainer root file system; relative paths refer to that copy\n" "$cwd" >&2
+    fi
+    exec /usr/bin/apptainer "$@"
+' apptainer-entry "$cwd" "$inside" "${shown[*]}" "$@"
 EOF
-    }
 }
 
 gen_sudoers() {
     cat <<EOF
-# Installed by repo2singularity setup/system.sh: any user may run apptainer through the
-# root-owned entry script (it drops back to the caller before apptainer starts).
+# Installed by repo2singularity setup/system.sh: the members of the group $APPTAINER_GROUP may run
+# apptainer from the sid root file system $ROOTFS (Debian 12 has no apptainer
+# package) through the root-owned entry script $ENTRY. It makes a private mount namespace and
+# drops back to the caller before apptainer starts; see README.md (Apptainer on Debian 12).
 # !use_pty, !pam_session, !pam_setcred: sudo execs the script directly (no sudo process
 # stays in between, signals reach apptainer); umask=0777: keep the caller's umask.
 # glibc removes TMPDIR from the environment of set-uid sudo, so the wrapper also passes it
-# as R2S_CALLER_TMPDIR.
+# as R2S_CALLER_TMPDIR. SSL_CERT_FILE/SSL_CERT_DIR: a registry's CA that the caller trusts
+# (apptainer is a Go program and reads them, as it does when installed natively).
 Defaults!$ENTRY !use_pty, !pam_session, !pam_setcred, !lecture, umask=0777
 Defaults!$ENTRY env_keep += "APPTAINER_* APPTAINERENV_* SINGULARITY_* SINGULARITYENV_*"
-Defaults!$ENTRY env_keep += "TMPDIR HOME R2S_CALLER_TMPDIR"
-ALL ALL=(root) NOPASSWD: $ENTRY
+Defaults!$ENTRY env_keep += "TMPDIR HOME R2S_CALLER_TMPDIR SSL_CERT_FILE SSL_CERT_DIR"
+%$APPTAINER_GROUP ALL=(root) NOPASSWD: $ENTRY
 EOF
 }
 
 gen_wrapper() {
     cat <<EOF
-#!/bin/bash
+#!/bin/sh
 # Installed by repo2singularity setup/system.sh: apptainer from $ROOTFS
-# (Debian 12 has no apptainer package; see $ENTRY).
-set -euo pipefail
+# (Debian 12 has no apptainer package; see $ENTRY), for the members of the group
+# $APPTAINER_GROUP.
+set -eu
+say() { printf 'apptainer (repo2singularity): %s\n' "\$*" >&2; }
+case " \$(id -nG) " in
+    *" $APPTAINER_GROUP "*) ;;
+    *)
+        if getent group $APPTAINER_GROUP | cut -d: -f4 | tr , '\n' | grep -qxF "\$(id -un)"; then
+            say "\$(id -un) is in the group $APPTAINER_GROUP, but this session began before: log in again (or: newgrp $APPTAINER_GROUP)"
+        else
+            say "only members of the group $APPTAINER_GROUP may run apptainer here (as root: usermod -aG $APPTAINER_GROUP \$(id -un))"
+        fi
+        exit 255
+        ;;
+esac
+/bin/pwd -P >/dev/null 2>&1 || { say "the current folder no longer exists"; exit 255; }
 # glibc removes TMPDIR from the environment of set-uid programs (sudo): hand it over by name
 if [ -n "\${TMPDIR+x}" ]; then
-    export R2S_CALLER_TMPDIR="\$TMPDIR"
+    R2S_CALLER_TMPDIR=\$TMPDIR
+    export R2S_CALLER_TMPDIR
 fi
 exec sudo -n $ENTRY "\$@"
 EOF
@@ -514,10 +559,39 @@ install_generated() {
     mv -f "$tmp" "$dest"
 }
 
-# Entry script, sudo rule and wrapper of the sid rootfs route; prints what changed.
+# The group whose members may run apptainer through the entry script, with R2S_USER in it
+# once the account exists. Prints what it changed.
+ensure_apptainer_group() {
+    if ! getent group "$APPTAINER_GROUP" >/dev/null; then
+        logged groupadd --system "$APPTAINER_GROUP" || die "apptainer: cannot create the group $APPTAINER_GROUP; see $SETUP_LOG"
+        printf 'group %s created; ' "$APPTAINER_GROUP"
+    fi
+    if id "$R2S_USER" >/dev/null 2>&1 && [[ " $(id -nG "$R2S_USER") " != *" $APPTAINER_GROUP "* ]]; then
+        logged usermod -aG "$APPTAINER_GROUP" "$R2S_USER" || die "apptainer: usermod -aG $APPTAINER_GROUP $R2S_USER failed"
+        printf '%s added to %s (for sessions that begin from now on); ' "$R2S_USER" "$APPTAINER_GROUP"
+    fi
+}
+
+# What the namespace stage mounts onto: made here, once, so that it never writes to ROOTFS.
+prepare_rootfs() {
+    local d f
+    for d in $BOUND_FOLDERS /.oldroot /.r2s-dev; do
+        [ -e "$ROOTFS$d" ] || [ -L "$ROOTFS$d" ] || mkdir -p "$ROOTFS$d"
+    done
+    for f in /etc/passwd /etc/group /etc/hosts /etc/resolv.conf /etc/subuid /etc/subgid; do
+        [ -L "$ROOTFS$f" ] && rm -f "$ROOTFS$f"
+        [ -e "$ROOTFS$f" ] || : >"$ROOTFS$f"
+    done
+}
+
+# Group, mount points, entry scripts, sudo rule and wrapper of the sid rootfs route; prints what
+# changed. The group and its members come before the rule that names it.
 install_rootfs_scripts() {
     local changed=()
     command -v visudo >/dev/null 2>&1 || die "apptainer: visudo not found (package sudo)"
+    ensure_apptainer_group
+    prepare_rootfs
+    if install_generated gen_namespace_script "$NAMESPACE_STAGE" 0755; then changed+=("$NAMESPACE_STAGE"); fi
     if install_generated gen_entry_script "$ENTRY" 0755; then changed+=("$ENTRY"); fi
     if install_generated gen_sudoers "$SUDOERS_FILE" 0440; then changed+=("$SUDOERS_FILE"); fi
     if install_generated gen_wrapper "$WRAPPER" 0755; then changed+=("$WRAPPER"); fi
@@ -576,7 +650,6 @@ EOF
                 >"$partial/etc/apt/apt.conf.d/99repo2singularity-valid-until"
             rm -f "$partial/etc/resolv.conf" && : >"$partial/etc/resolv.conf"
             rm -rf "${partial:?}"/var/cache/apt/archives/*.deb
-            mkdir -p "$partial/.oldroot" "$partial/.r2s-dev" "$partial/work"
             remove_tree "$ROOTFS"
             mv "$partial" "$ROOTFS"
         fi
@@ -591,6 +664,7 @@ EOF
 
 step_account() {
     step_begin
+    local joined
     getent group docker >/dev/null || logged groupadd --system docker \
         || die "account: cannot create the docker group; see $SETUP_LOG"
     if ! id "$R2S_USER" >/dev/null 2>&1; then
@@ -603,6 +677,8 @@ step_account() {
     else
         say "account $R2S_USER: present (uid $(id -u "$R2S_USER"), in group docker)"
     fi
+    joined=$(ensure_apptainer_group)
+    [ -z "$joined" ] || say "account $R2S_USER: ${joined%; }"
     (cd / && runuser -u "$R2S_USER" -- timeout 20 docker info >/dev/null 2>&1) \
         || die "account: '$R2S_USER' cannot reach the docker engine (is /var/run/docker.sock group docker? \`ls -l /var/run/docker.sock\`; a dockerd started before the docker group existed must be restarted)"
     (cd / && runuser -u "$R2S_USER" -- timeout 60 apptainer version >/dev/null 2>&1) \

@@ -59,3 +59,18 @@ def make_repo(tmp_path):
         return GitRepo(tmp_path / name, branch)
 
     return make
+
+
+def started(command, **popen):
+    """A process running `command`, returned once it has exec'd it (before that, its command line
+    is still its parent's)."""
+    import time
+
+    import psutil
+
+    process = subprocess.Popen(command, **popen)
+    deadline = time.monotonic() + 10
+    while psutil.Process(process.pid).cmdline() != list(command):
+        assert time.monotonic() < deadline, f"{command} did not start"
+        time.sleep(0.01)
+    return process

@@ -57,3 +57,24 @@ def test_wrong_config_type(tmp_path, repo):
 
 def test_wrong_runtime(tmp_path, repo):
     assert_refused(tmp_path, {"repo": repo.path, "runtime": "docker"}, "'runtime'")
+
+
+def test_a_long_ref_is_echoed_cut_short(tmp_path, repo):
+    line = assert_refused(tmp_path, {"repo": repo.path, "ref": "-" + "a" * 4999}, "may not start with '-'")
+    assert len(line) < 300 and "(5000 characters)" in line
+
+
+def test_a_long_value_of_the_wrong_type_is_echoed_cut_short(tmp_path, repo):
+    line = assert_refused(tmp_path, {"repo": repo.path, "launch_timeout": "x" * 5000}, "'launch_timeout'")
+    assert len(line) < 300 and "(5000 characters)" in line
+
+
+def test_a_config_file_with_an_alias_bomb_is_refused_before_it_expands(tmp_path, repo):
+    # 10**5 strings once expanded (each level more multiplies the cost of checking by 10)
+    bomb = ["h0: &h0 lol"] + [f"h{i}: &h{i} [{', '.join([f'*h{i - 1}'] * 10)}]" for i in range(1, 6)]
+    configfile = tmp_path / "bomb.yaml"
+    configfile.write_text("\n".join(bomb) + "\nrepo2docker_args: *h5\n")
+    result = snakemake(tmp_path, "--configfile", str(configfile), config={"repo": repo.path}, check=False)
+    line = last_line(result)
+    assert result.returncode != 0 and len(line) < 300, line[:300]
+    assert line.startswith("repo2singularity: invalid config: ") and "YAML alias" in line, result.stderr[-2000:]

@@ -14,6 +14,7 @@ import pytest
 
 from conftest import PROJECT
 from jupyter_client import api, execute
+from repo2singularity.processes import alive
 from workflow_runner import snakemake
 
 RUNTIME = os.environ.get("R2S_RUNTIME") or "apptainer"
@@ -22,11 +23,7 @@ pytestmark = pytest.mark.integration
 
 def process_gone(pid):
     """True when `pid` no longer runs (a zombie waiting for a non-reaping init counts as gone)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return True
-    return state in ("Z", "X")
+    return not alive(pid)
 
 
 def runtime(*args, check=True):
@@ -65,9 +62,13 @@ def launched(example):
     snakemake(workdir, "stop", config=config_for(repo), check=False)
 
 
-def test_run_prints_how_to_connect(launched):
-    *_, connection, result = launched
+def test_run_prints_how_to_connect_and_where_the_sif_is(launched):
+    _, workdir, sha, connection, result = launched
     assert connection["url_with_token"] in result.stdout
+    # issue 14: the last line names the SIF by a path without a sha, and that path works
+    last = result.stdout.strip().splitlines()[-1]
+    assert last == f"SIF of example ({sha[:12]}): results/example/latest/example.sif (= results/example/{sha}/example.sif)"
+    assert (workdir / "results" / "example" / "latest" / "example.sif").samefile(result_dir(workdir, sha) / "example.sif")
 
 
 def test_sif_exists_with_checksum_and_provenance_labels(launched):
@@ -131,6 +132,19 @@ def test_second_run_has_nothing_to_do(launched):
     assert "Nothing to be done" in result.stdout + result.stderr
 
 
+def test_a_manifest_rows_runtime_options_reach_the_server(launched, tmp_path):
+    """Issue 13 item 7: a manifest's `runtime_options` are options of the runtime's `run` for
+    that image's server (after the config's launch_runtime_args)."""
+    repo, workdir, sha, *_ = launched
+    manifest = tmp_path / "images.yaml"
+    manifest.write_text(
+        f"- name: example\n  repo: {repo.path}\n  ref: main\n  runtime_options: [--env, R2S_FROM_MANIFEST=yes]\n"
+    )
+    snakemake(workdir, "launch", config={"manifest": manifest})
+    connection = json.loads((result_dir(workdir, sha) / "launch.json").read_text())
+    assert execute(connection["url"], connection["token"], "import os; print(os.environ.get('R2S_FROM_MANIFEST'))") == "yes"
+
+
 def test_stop_ends_the_server(launched):
     repo, workdir, sha, connection, _ = launched
     snakemake(workdir, "stop", config=config_for(repo))
@@ -152,6 +166,10 @@ def test_new_commit_builds_only_the_new_sha(launched):
     snakemake(workdir, "build", config=config_for(repo))
     assert (result_dir(workdir, new_sha) / "example.sif").exists()
     assert old_sif.stat().st_mtime_ns == old_mtime
+    # results/example/latest follows the newest commit built, and is no server folder of its own
+    assert (workdir / "results" / "example" / "latest").readlink().name == new_sha
+    listing = snakemake(workdir, "servers", config=config_for(repo)).stderr
+    assert "/latest/" not in listing
 
 
 def test_run_killed_during_the_sif_step_resumes_without_rebuilding_the_image(launched):

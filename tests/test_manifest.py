@@ -2,8 +2,8 @@
 
 import pytest
 
-import builds
-from manifest import ManifestError
+from repo2singularity import builds
+from repo2singularity.manifest import ManifestError
 from workflow_runner import PROJECT, last_line, snakemake
 
 SCHEMA = PROJECT / "workflow" / "schemas" / "manifest.schema.yaml"
@@ -31,13 +31,13 @@ def test_tsv_manifest_with_per_row_settings(tmp_path, repo):
     manifest.write_text(
         "# images we publish\n"
         "name\trepo\tref\trepo2docker_args\n"
-        f"one\t{repo.path}\tmain\t--build-memory-limit 2G\n"
+        f"one\t{repo.path}\tmain\t--build-arg 'GREETING=hello world'\n"
         "\n"
         f"Two\t{repo.path}\n"
     )
     found = load(manifest)
     assert list(found) == ["one", builds.naming.check_name("Two")]
-    assert found["one"].repo2docker_args == ("--build-memory-limit", "2G")
+    assert found["one"].repo2docker_args == ("--build-arg", "GREETING=hello world")
     assert found["one"].ref == "main" and found[builds.naming.check_name("Two")].ref == ""
 
 
@@ -133,3 +133,76 @@ def test_snakemake_reports_all_problems_before_running(tmp_path, repo):
     assert f"{manifest}:2: ref may not start with '-'" in result.stderr
     assert last_line(result) == f"{manifest}:3: name 'a' is already used on line 2"
     assert not (tmp_path / "results").exists()
+
+
+def alias_bomb(levels):
+    """YAML anchors, each a list of 10 aliases of the one before: 10**levels strings once expanded."""
+    lines = ["defaults:", "  h0: &h0 lol"]  # the first anchor is on line 2
+    lines += [f"  h{i}: &h{i} [{', '.join([f'*h{i - 1}'] * 10)}]" for i in range(1, levels + 1)]
+    return "\n".join(lines) + "\n"
+
+
+def test_yaml_anchors_and_aliases_are_refused_before_they_expand(tmp_path, repo):
+    manifest = tmp_path / "images.yaml"
+    manifest.write_text(alias_bomb(6) + f"images:\n  - name: bomb\n    repo: {repo.path}\n    repo2docker_args: *h6\n")
+    problems = problems_of(manifest)
+    assert len(problems) == 1 and len(problems[0]) < 300, problems[0][:300]
+    assert problems[0].startswith(f"{manifest}:2: ") and "anchors and aliases" in problems[0]
+    # a harmless-looking merge key is an alias too: every value is written out in a manifest
+    manifest.write_text(f"- &base {{name: a, repo: {repo.path}}}\n- {{<<: *base, name: b}}\n")
+    assert problems_of(manifest) == [f"{manifest}:1: YAML anchors and aliases (&name, *name) are not allowed in a manifest; write each value out"]
+
+
+def test_a_number_too_long_for_python_is_one_problem(tmp_path, repo):
+    manifest = tmp_path / "images.yaml"
+    manifest.write_text(f"- name: digits\n  repo: {repo.path}\n  ref: {'1' * 5000}\n")
+    problems = problems_of(manifest)
+    assert len(problems) == 1 and len(problems[0]) < 300 and problems[0].startswith(f"{manifest}:3: "), problems[0][:300]
+
+
+LONG = 5000
+
+
+@pytest.mark.parametrize(
+    "column, value, message",
+    [
+        ("ref", "-" + "a" * LONG, "ref may not start with '-'"),
+        ("ref", "a.." * LONG, "longer than 255"),
+        ("repo", "-" + "r" * LONG, "may not start with '-'"),
+        ("repo", "x" * LONG + "::y", "transport"),
+        ("repo", "s" * LONG + "://host/x", "scheme"),
+        ("repo", "/nowhere/" + "n" * LONG, "repository not found"),
+        ("subdir", "../" + "s" * LONG, "may not leave the repository"),
+        ("subdir", "-" + "s" * LONG, "not a plain folder name"),
+        ("name", "n" * LONG, "longer than"),
+        ("builder", "b" * LONG, "builder"),
+    ],
+)
+def test_a_long_value_is_echoed_cut_short(tmp_path, repo, column, value, message):
+    values = {"name": "long", "repo": str(repo.path), "ref": "main", column: value}
+    manifest = tmp_path / "images.tsv"
+    manifest.write_text("\t".join(values) + "\n" + "\t".join(values.values()) + "\n")
+    problems = problems_of(manifest)
+    assert len(problems) == 1 and message in problems[0], problems[0][:300]
+    assert len(problems[0]) < len(str(manifest)) + 300, problems[0][:300]
+
+
+def test_a_long_value_of_the_wrong_type_is_echoed_cut_short(tmp_path, repo):
+    manifest = tmp_path / "images.yaml"
+    manifest.write_text(f"- name: wrong\n  repo: {repo.path}\n  repo2docker_args: {'x' * LONG}\n")
+    problems = problems_of(manifest)
+    assert len(problems) == 1 and "is not of type 'array'" in problems[0], problems[0][:300]
+    assert len(problems[0]) < len(str(manifest)) + 300 and f"({LONG} characters)" in problems[0]
+
+
+def test_repo2docker_options_outside_the_build_are_refused_with_their_line(tmp_path, repo):
+    manifest = tmp_path / "images.yaml"
+    manifest.write_text(
+        f"- name: fine\n  repo: {repo.path}\n  repo2docker_args: [--build-arg, A=1, --appendix, 'RUN echo hi']\n"  # 1-3
+        f"- name: config\n  repo: {repo.path}\n  repo2docker_args: [--config, /tmp/evil.py]\n"  # 4-6
+        f"- name: forged\n  repo: {repo.path}\n  repo2docker_args:\n    - --appendix\n    - |\n      RUN true\n      LABEL repo2singularity.sha=x\n"
+    )
+    problems = problems_of(manifest)
+    assert len(problems) == 2
+    assert problems[0].startswith(f"{manifest}:4: repo2docker_args: option '--config' is not allowed")
+    assert problems[1].startswith(f"{manifest}:7: repo2docker_args: --appendix: 'LABEL'")

@@ -84,7 +84,8 @@ def test_moving_one_branch_rebuilds_only_that_row(fleet):
 def test_prune_keeps_exactly_the_newest_and_any_image_in_use(fleet):
     repos, workdir, _ = fleet
     manifest = workdir.parent / "good.tsv"
-    shas = [path.parent.name for path in sorted((workdir / "results" / "alpha").glob("*/alpha.sif"), key=lambda p: p.stat().st_mtime)]
+    commits = [path for path in (workdir / "results" / "alpha").glob("*/alpha.sif") if not path.parent.is_symlink()]  # not latest/
+    shas = [path.parent.name for path in sorted(commits, key=lambda p: p.stat().st_mtime)]
     newest = repos["alpha"].commit("a3", dockerfile("alpha3"))
     snakemake(workdir, config={"manifest": manifest})
     oldest, middle = shas
@@ -95,13 +96,14 @@ def test_prune_keeps_exactly_the_newest_and_any_image_in_use(fleet):
         (workdir / "results" / "alpha" / oldest / "launch.json").write_text(json.dumps({"pid": server.pid}))
         snakemake(workdir, "prune", config={"manifest": manifest, "keep_sifs": 1})
         remaining = {p.name for p in (workdir / "results" / "alpha").iterdir()}
-        assert remaining == {oldest, newest}, "the middle commit goes; the newest and the one in use stay"
+        assert remaining == {oldest, newest, "latest"}, "the middle commit goes; the newest and the one in use stay"
     finally:
         server.kill()
         server.wait()
     snakemake(workdir, "prune", config={"manifest": manifest, "keep_sifs": 1})
-    assert {p.name for p in (workdir / "results" / "alpha").iterdir()} == {newest}
-    assert [p.parent.name for p in (workdir / "results" / "beta").glob("*/beta.sif")] == [repos["beta"].head()]
+    assert {p.name for p in (workdir / "results" / "alpha").iterdir()} == {newest, "latest"}
+    assert (workdir / "results" / "alpha" / "latest").readlink().name == newest
+    assert [p.parent.name for p in (workdir / "results" / "beta").glob("*/beta.sif") if not p.parent.is_symlink()] == [repos["beta"].head()]
     assert outside.exists() and (workdir / "results" / "summary.json").exists()
 
 

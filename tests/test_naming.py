@@ -2,7 +2,7 @@
 
 import pytest
 
-from naming import DOCKER_COMPONENT_PATTERN, InvalidName, check_name, default_name, image_tag
+from repo2singularity.naming import DOCKER_COMPONENT_PATTERN, InvalidName, check_name, default_name, image_tag
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 with generated host and client keys) makes this machine the builder, reached through paramiko
 as a remote host would be. Real sshd, Docker, repo2docker and Apptainer; nothing is skipped."""
 
+import getpass
 import json
 import os
 import re
@@ -15,18 +16,39 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
-import builder
+from snakemake.utils import validate
+
 from conftest import GitRepo
-from steps import StepError
+from repo2singularity import builders, ssh_transport
+from repo2singularity.builders import ssh as ssh_builder
+from repo2singularity.processes import free_port
+from repo2singularity.step import StepError
 from workflow_runner import PROJECT, SNAKEMAKE, snakemake
 
 SSHD = "/usr/sbin/sshd"
 RUNTIME = os.environ.get("R2S_RUNTIME") or "apptainer"
 REPO2DOCKER = str(Path(sys.executable).with_name("repo2docker"))
 NAME = "tiny"
+SCHEMA = PROJECT / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def validated(config):
+    """A configuration as the workflow sees it: checked, with the schema's defaults filled in."""
+    config = {"repo": "example", **json.loads(json.dumps(config))}
+    validate(config, str(SCHEMA))
+    return config
+
+
+def ssh_settings(mapping):
+    return ssh_builder.SSHBuilderSettings.from_config(validated({"builder": mapping}))
+
+
+def settings_of(builder_yaml):
+    return ssh_settings(yaml.safe_load(Path(builder_yaml).read_text())["builder"])
 
 
 # ------------------------------------------------------------------ unit tests of the pure parts
@@ -34,21 +56,25 @@ NAME = "tiny"
 
 def test_remote_command_quotes_every_argument():
     hostile = ["echo", "$(touch /tmp/pwned)", "a b", "it's", ";rm -rf ~", "`id`", "--", "-x"]
-    line = builder.remote_command(hostile, ["true"])
+    line = ssh_transport.remote_command(hostile, ["true"])
     assert shlex.split(line.split(" && ")[0]) == hostile
     printed = subprocess.run(["sh", "-c", line], capture_output=True, text=True, check=True).stdout
     assert printed == " ".join(hostile[1:]) + "\n"
 
 
 def test_settings_default_to_local_and_fill_defaults():
-    assert builder.settings_from_config({}) is None
-    assert builder.settings_from_config({"builder": "local"}) is None
-    settings = builder.settings_from_config({"builder": {"host": "b.example.org", "port": "2222", "trust_unknown_host": "false"}})
-    assert (settings.port, settings.trust_unknown_host, settings.workdir) == (2222, False, "~/.cache/repo2singularity")
-    assert settings.describe() == {"host": "b.example.org", "port": 2222, "user": settings.login}
-    for bad in ({"host": "-oProxyCommand=x"}, {"host": "a b"}, {"host": "h", "port": 70000}, {"host": "h", "max_builds": "0"}, "elsewhere"):
-        with pytest.raises(builder.InvalidBuilder):
-            builder.settings_from_config({"builder": bad})
+    assert builders.kind_of({}) == "local" and builders.kind_of({"builder": "local"}) == "local"
+    assert builders.builder_class(validated({})).kind == "local"
+    config = validated({"builder": {"host": "b.example.org", "port": "2222", "trust_unknown_host": "false"}})
+    assert builders.builder_class(config).kind == "ssh"
+    settings = ssh_builder.SSHBuilderSettings.from_config(config)
+    assert (settings.target.port, settings.target.trust_unknown_host, settings.workdir) == (2222, False, "~/.cache/repo2singularity")
+    assert settings.target.describe() == {"host": "b.example.org", "port": 2222, "user": settings.target.login}
+    for bad in ({"host": "-oProxyCommand=x"}, {"host": "a b"}, {"host": "h", "port": 70000}, {"host": "h", "max_builds": "0"}):
+        with pytest.raises(builders.InvalidBuilder):
+            ssh_builder.SSHBuilderSettings.from_config({"builder": {**validated({"builder": {"host": "h"}})["builder"], **bad}})
+    with pytest.raises(builders.InvalidBuilder):
+        builders.kind_of({"builder": "elsewhere"})
 
 
 def test_schema_refuses_a_password_and_unknown_keys(tmp_path):
@@ -60,40 +86,39 @@ def test_schema_refuses_a_password_and_unknown_keys(tmp_path):
 
 def test_tarball_receipt_checks():
     receipt = {"host": "b", "path": "/w/n/s/image.tar", "size_bytes": 10, "sha256": "ab"}
-    builder.check_tarball_receipt(receipt, {"size": 10, "sha256": "ab"}, "r.json")
+    ssh_builder.check_tarball_receipt(receipt, {"size": 10, "sha256": "ab"}, "r.json")
     with pytest.raises(StepError, match="is gone from builder b; rerun it with: snakemake --forcerun save_image"):
-        builder.check_tarball_receipt(receipt, None, "r.json")
+        ssh_builder.check_tarball_receipt(receipt, None, "r.json")
     with pytest.raises(StepError, match="does not match its receipt"):
-        builder.check_tarball_receipt(receipt, {"size": 10, "sha256": "cd"}, "r.json")
+        ssh_builder.check_tarball_receipt(receipt, {"size": 10, "sha256": "cd"}, "r.json")
 
 
 def test_image_receipt_check_names_the_rule_to_rerun():
-    settings = builder.BuilderSettings(host="b")
     receipt = {"image_id": "sha256:" + "1" * 64, "tag": "r2s-x:y", "builder": {"host": "b"}}
-    builder.check_image_receipt(receipt, receipt["image_id"], settings, "image.json")
+    ssh_builder.check_image_receipt(receipt, receipt["image_id"], "b", "image.json")
     with pytest.raises(StepError, match="--forcerun build_image"):
-        builder.check_image_receipt(receipt, None, settings, "image.json")
+        ssh_builder.check_image_receipt(receipt, None, "b", "image.json")
     local = {**receipt, "builder": None}
     with pytest.raises(StepError, match=r"\(built locally\); rebuild it with: snakemake --forcerun build_image"):
-        builder.check_image_receipt(local, "sha256:other", settings, "image.json")
+        ssh_builder.check_image_receipt(local, "sha256:other", "b", "image.json")
 
 
 def test_progress_line():
-    line = builder.progress_line("x.sif", 50_000_000, 200_000_000, 0, 5.0)
+    line = ssh_transport.progress_line("x.sif", 50_000_000, 200_000_000, 0, 5.0)
     assert line == "  download x.sif [######..................]  25%  50.0 of 200.0 MB, 10.0 MB/s, 15 s left"
     # resumed at 100 MB: the rate counts only what came in this run
-    assert "20.0 MB/s" in builder.progress_line("x.sif", 200_000_000, 200_000_000, 100_000_000, 5.0)
+    assert "20.0 MB/s" in ssh_transport.progress_line("x.sif", 200_000_000, 200_000_000, 100_000_000, 5.0)
 
 
 def test_resume_offset():
     meta = {"sha256": "ab", "size": 100}
-    assert builder.resume_offset(40, meta, 100, "ab") == 40
-    assert builder.resume_offset(100, meta, 100, "ab") == 100
-    assert builder.resume_offset(0, meta, 100, "ab") == 0
-    assert builder.resume_offset(40, None, 100, "ab") == 0  # nothing says what the partial is
-    assert builder.resume_offset(40, meta, 100, "cd") == 0  # another SIF was built since
-    assert builder.resume_offset(40, {"sha256": "ab", "size": 90}, 100, "ab") == 0
-    assert builder.resume_offset(140, {"sha256": "ab", "size": 100}, 100, "ab") == 0
+    assert ssh_transport.resume_offset(40, meta, 100, "ab") == 40
+    assert ssh_transport.resume_offset(100, meta, 100, "ab") == 100
+    assert ssh_transport.resume_offset(0, meta, 100, "ab") == 0
+    assert ssh_transport.resume_offset(40, None, 100, "ab") == 0  # nothing says what the partial is
+    assert ssh_transport.resume_offset(40, meta, 100, "cd") == 0  # another SIF was built since
+    assert ssh_transport.resume_offset(40, {"sha256": "ab", "size": 90}, 100, "ab") == 0
+    assert ssh_transport.resume_offset(140, {"sha256": "ab", "size": 100}, 100, "ab") == 0
 
 
 def test_images_to_remove_keeps_the_newest():
@@ -103,14 +128,14 @@ def test_images_to_remove_keeps_the_newest():
         "2026-11-28 11:00:00 +0000 UTC\tr2s-x:bbb\n"
         "2026-11-28 09:00:00 +0000 UTC\tr2s-x:<none>\n"
     )
-    assert builder.images_to_remove(listing, "r2s-x:ccc", 2) == ["r2s-x:bbb", "r2s-x:aaa"][1:]
-    assert builder.images_to_remove(listing, "r2s-x:ccc", 1) == ["r2s-x:bbb", "r2s-x:aaa"]
-    assert builder.images_to_remove(listing, "r2s-x:ccc", 5) == []
-    assert builder.images_to_remove("", "r2s-x:ccc", 1) == []
+    assert ssh_builder.images_to_remove(listing, "r2s-x:ccc", 2) == ["r2s-x:bbb", "r2s-x:aaa"][1:]
+    assert ssh_builder.images_to_remove(listing, "r2s-x:ccc", 1) == ["r2s-x:bbb", "r2s-x:aaa"]
+    assert ssh_builder.images_to_remove(listing, "r2s-x:ccc", 5) == []
+    assert ssh_builder.images_to_remove("", "r2s-x:ccc", 1) == []
 
 
 def test_preflight_problems_are_one_line_each():
-    settings = builder.BuilderSettings(host="b", min_free_gb=5)
+    settings = ssh_settings({"host": "b", "min_free_gb": 5})
     df = "Filesystem 1024-blocks Used Available Capacity Mounted on\n/dev/x 100 50 {} 50% /"
     good = {
         "docker": (0, "20.10.24"),
@@ -120,8 +145,8 @@ def test_preflight_problems_are_one_line_each():
         "flock": (0, "flock from util-linux 2.38.1"),
         "space": (0, df.format(9_000_000)),
     }
-    assert builder.preflight_problems(settings, "/w", good) == []
-    assert builder.parse_checks("@@check docker\n20.10\n@@rc 0\n@@check buildx\nnope\n@@rc 1\n") == {
+    assert ssh_builder.preflight_problems(settings, "/w", good) == []
+    assert ssh_builder.parse_checks("@@check docker\n20.10\n@@rc 0\n@@check buildx\nnope\n@@rc 1\n") == {
         "docker": (0, "20.10"),
         "buildx": (1, "nope"),
     }
@@ -132,22 +157,16 @@ def test_preflight_problems_are_one_line_each():
         "flock": ((127, "sh: 1: flock: not found"), "max_builds needs it"),
     }
     for check, (value, expected) in cases.items():
-        problems = builder.preflight_problems(settings, "/w", {**good, check: value})
+        problems = ssh_builder.preflight_problems(settings, "/w", {**good, check: value})
         assert len(problems) == 1 and expected in problems[0] and "\n" not in problems[0]
     # a step checks only the tools it needs (and always the space)
     no_docker = {**good, "docker": (127, "sh: 1: docker: not found")}
-    assert builder.preflight_problems(settings, "/w", no_docker, needs=builder.STEP_TOOLS["build_sif"]) == []
-    assert builder.preflight_problems(settings, "/w", no_docker, needs=builder.STEP_TOOLS["save_image"])
-    assert "--version" in builder.preflight_script(settings, "/w") and "--version" not in builder.preflight_script(settings, "/w", ("runtime",))
+    assert ssh_builder.preflight_problems(settings, "/w", no_docker, needs=ssh_builder.STEP_TOOLS["build_sif"]) == []
+    assert ssh_builder.preflight_problems(settings, "/w", no_docker, needs=ssh_builder.STEP_TOOLS["save_image"])
+    assert "--version" in ssh_builder.preflight_script(settings, "/w") and "--version" not in ssh_builder.preflight_script(settings, "/w", ("runtime",))
 
 
 # ------------------------------------------------------------------ an sshd of the test's own
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def keygen(path):
@@ -232,20 +251,7 @@ class Sshd:
 
 
 def descendants(pid):
-    children = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(parent, []).append(int(entry.name))
-    found, queue = [], [pid]
-    while queue:
-        for child in children.get(queue.pop(), []):
-            found.append(child)
-            queue.append(child)
-    return found
+    return [child.pid for child in psutil.Process(pid).children(recursive=True)]
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +285,7 @@ def builder_config(lab, workdir, **overrides):
     settings = {
         "host": "127.0.0.1",
         "port": lab["sshd"].port,
-        "user": os.environ.get("USER") or builder.local_user(),
+        "user": os.environ.get("USER") or getpass.getuser(),
         "key_file": str(lab["client_key"]),
         "known_hosts": str(lab["known_hosts"]),
         "workdir": str(lab["base"] / "builder-work"),
@@ -329,7 +335,7 @@ def test_remote_chain_gives_the_same_labels_as_a_local_build(lab, remote_build):
     sif = folder / f"{NAME}.sif"
     assert sha256sum(sif) == (folder / f"{NAME}.sif.sha256").read_text().split()[0]
     receipt = json.loads((folder / "image.json").read_text())
-    assert receipt["builder"] == {"host": "127.0.0.1", "port": lab["sshd"].port, "user": builder.local_user()}
+    assert receipt["builder"] == {"host": "127.0.0.1", "port": lab["sshd"].port, "user": getpass.getuser()}
     assert {"image_id", "tag", "repo2docker_version", "working_folder", "home"} <= set(receipt)
     assert connections == 3, "one connection per builder step"
     logs = folder / "logs"
@@ -387,7 +393,7 @@ def test_cut_download_resumes_and_verifies(lab, remote_build):
     command = [SNAKEMAKE, "--snakefile", str(PROJECT / "Snakefile"), "--directory", str(workdir), "--cores", "2", "build",
                "--configfile", str(configfile), "--config", f"repo={lab['repo'].path}", "ref=main", f"name={NAME}"]
     # slow enough to be cut midway on loopback
-    env = {**os.environ, builder.RATE_LIMIT_VARIABLE: str(4_000_000)}
+    env = {**os.environ, ssh_transport.RATE_LIMIT_VARIABLE: str(4_000_000)}
     run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 900
     while not (partial.exists() and partial.stat().st_size > 2_000_000):
@@ -476,7 +482,7 @@ def test_check_builder_names_what_it_found_or_what_is_wrong(lab, tmp_path):
     configfile = builder_config(lab, workdir)
     result = snakemake(workdir, "check_builder", "--configfile", configfile, config=run_config(lab))
     ready = [line for line in result.stderr.splitlines() if " is ready: " in line]
-    assert ready and ready[0].startswith(f"builder {builder.local_user()}@127.0.0.1:{lab['sshd'].port} is ready: docker ")
+    assert ready and ready[0].startswith(f"builder {getpass.getuser()}@127.0.0.1:{lab['sshd'].port} is ready: docker ")
     for part in ("buildx github.com/docker/buildx", "repo2docker ", "runtime ", "flock from util-linux", "GB free in", "max_builds 1"):
         assert part in ready[0], ready[0]
     # each call runs again (its log is its own), and needs no repository resolved
@@ -531,45 +537,66 @@ def test_builder_without_docker(lab):
 
 
 def test_process_group_mark():
-    assert builder.parse_pgid(b"@@r2s-pgid 4242") == 4242
-    assert builder.parse_pgid(b"Step 1/2 : FROM debian") is None
-    assert builder.parse_pgid(b"@@r2s-pgid x") is None
+    assert ssh_transport.parse_pgid(b"@@r2s-pgid 4242") == 4242
+    assert ssh_transport.parse_pgid(b"Step 1/2 : FROM debian") is None
+    assert ssh_transport.parse_pgid(b"@@r2s-pgid x") is None
 
 
 def processes_running(needle):
+    """Pids whose command line contains `needle` (bytes)."""
     found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if needle in (entry / "cmdline").read_bytes().replace(b"\0", b" "):
-                    found.append(int(entry.name))
-            except OSError:
-                continue
+    for process in psutil.process_iter(["cmdline"]):
+        if needle in " ".join(process.info["cmdline"] or ()).encode():
+            found.append(process.pid)
     return found
 
 
-def start_remote_step(lab, tmp_path, command, settings_lines=""):
-    """A step process that runs `command` on the builder as a rule's script would; returned once
-    the command runs there."""
-    settings = builder.settings_from_config(yaml.safe_load(builder_config(lab, tmp_path).read_text()))
+def step_on_builder(lab, tmp_path, body, settings_lines=""):
+    """A Python script that connects to the builder as a rule's script would, then runs `body`
+    (with `t` the connection)."""
+    target = settings_of(builder_config(lab, tmp_path)).target
     script = tmp_path / "step.py"
-    log = str(tmp_path / "step.log")
     script.write_text(
         "import sys\n"
         f"sys.path.insert(0, {str(PROJECT / 'workflow' / 'scripts')!r})\n"
-        "import builder, steps\n"
+        "from repo2singularity import ssh_transport\n"
+        "from repo2singularity.step import run_step\n"
         f"{settings_lines}"
-        f"settings = builder.BuilderSettings(**{settings.__dict__!r})\n"
-        f"with builder.Builder(settings, {log!r}) as b:\n"
-        f"    steps.main('step', lambda: b.run_logged(builder.remote_command({command!r}), {log!r}, 'step'))\n"
+        f"target = ssh_transport.SSHTarget(**{target.__dict__!r})\n"
+        f"with ssh_transport.SSHTransport(target, {str(tmp_path / 'step.log')!r}) as t:\n"
+        f"    {body}\n"
     )
-    step = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def start_remote_step(lab, tmp_path, command, settings_lines=""):
+    """A step process that runs `command` on the builder; returned once the command runs there."""
+    log = str(tmp_path / "step.log")
+    body = f"run_step('step', lambda: t.run_logged(ssh_transport.remote_command({command!r}), {log!r}, 'step'))"
+    step = step_on_builder(lab, tmp_path, body, settings_lines)
     deadline = time.monotonic() + 30
     while not processes_running(shlex.join(command).encode()):
         assert step.poll() is None, step.stderr.read()
         assert time.monotonic() < deadline, "the remote command did not start"
         time.sleep(0.1)
     return step
+
+
+# keepalives every 2 s, answered within 3 s
+QUICK_KEEPALIVE = "ssh_transport.QUIET_SECONDS, ssh_transport.REPLY_SECONDS = 2, 3\n"
+
+
+def communicate_while_frozen(step, sshd, timeout=60):
+    """The network dead in silence: the sshd's sessions stopped (SIGSTOP) while the kernel keeps
+    TCP up, until the step has ended."""
+    frozen = descendants(sshd.pid)
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        return step.communicate(timeout=timeout)
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
 
 
 def wait_until_ended(command, seconds, why):
@@ -596,17 +623,10 @@ def test_a_builder_gone_silent_ends_the_step_and_then_its_command(lab, tmp_path)
     """The network dies without a word: no FIN, no RST, the builder simply stops answering (its
     sshd is frozen with SIGSTOP, while the kernel keeps the TCP connection up)."""
     command = ["sleep", "321.9"]
-    step = start_remote_step(lab, tmp_path, command, "builder.QUIET_SECONDS, builder.REPLY_SECONDS = 2, 3\n")
+    step = start_remote_step(lab, tmp_path, command, QUICK_KEEPALIVE)
     time.sleep(3)  # quiet for longer than QUIET_SECONDS, with the builder answering: no failure
     assert step.poll() is None, step.stderr.read()
-    frozen = descendants(lab["sshd"].pid)
-    for pid in frozen:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        _, stderr = step.communicate(timeout=30)
-    finally:
-        for pid in frozen:
-            os.kill(pid, signal.SIGCONT)
+    _, stderr = communicate_while_frozen(step, lab["sshd"])
     assert step.returncode != 0 and "Traceback" not in stderr
     assert "has not answered a keepalive for 3 s (the network is gone?); run again" in stderr
     # once the builder's side sees the connection closed, its watcher stops the command
@@ -617,15 +637,15 @@ def test_a_builder_gone_silent_ends_the_step_and_then_its_command(lab, tmp_path)
 @pytest.mark.parametrize("max_builds", [1, 2])
 def test_the_builder_runs_at_most_max_builds_at_once(lab, tmp_path, max_builds):
     """Two steps, each on a connection of its own as two runs would be, start a build at once."""
-    settings = builder.settings_from_config(yaml.safe_load(builder_config(lab, tmp_path, max_builds=max_builds).read_text()))
+    settings = settings_of(builder_config(lab, tmp_path, max_builds=max_builds))
     spans = {}
 
     def build(number):
         log = tmp_path / f"build-{number}.log"
-        with builder.Builder(settings, log) as connection:
-            slots = builder.remote_paths(connection.workdir, NAME, "slots")["build_slots"]
-            command = builder.remote_command(["date", "+%s.%N"], ["sleep", "2"], ["date", "+%s.%N"])
-            connection.run_logged(builder.with_build_slot(command, slots, settings.max_builds), log, f"build {number}")
+        with ssh_transport.SSHTransport(settings.target, log) as connection:
+            slots = ssh_builder.remote_paths(settings.workdir, NAME, "slots")["build_slots"]
+            command = ssh_transport.remote_command(["date", "+%s.%N"], ["sleep", "2"], ["date", "+%s.%N"])
+            connection.run_logged(ssh_builder.with_build_slot(command, slots, settings.max_builds), log, f"build {number}")
         lines = log.read_text().splitlines()
         spans[number] = [float(line) for line in lines if line[:1].isdigit()], any(line.startswith("waiting for a build slot") for line in lines)
 
@@ -644,11 +664,11 @@ def test_the_builder_runs_at_most_max_builds_at_once(lab, tmp_path, max_builds):
 
 @pytest.mark.integration
 def test_without_key_file_the_agent_holds_the_key(lab, tmp_path, monkeypatch):
-    settings = builder.settings_from_config(yaml.safe_load(builder_config(lab, tmp_path, key_file="").read_text()))
+    settings = settings_of(builder_config(lab, tmp_path, key_file=""))
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ssh/id_* to fall back on
     monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
     with pytest.raises(StepError, match="no key to offer: key_file is empty, no ssh-agent answers"):
-        builder.Builder(settings).connect()
+        ssh_transport.SSHTransport(settings.target).connect()
     socket_path = tmp_path / "agent.sock"
     agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(socket_path)], stdout=subprocess.DEVNULL)
     try:
@@ -658,7 +678,7 @@ def test_without_key_file_the_agent_holds_the_key(lab, tmp_path, monkeypatch):
             time.sleep(0.05)
         monkeypatch.setenv("SSH_AUTH_SOCK", str(socket_path))
         subprocess.run(["ssh-add", "-q", str(lab["client_key"])], check=True, env={**os.environ})
-        with builder.Builder(settings) as connection:
+        with ssh_transport.SSHTransport(settings.target) as connection:
             assert connection.capture("echo agent")[1] == "agent\n"
     finally:
         agent.terminate()
@@ -667,19 +687,18 @@ def test_without_key_file_the_agent_holds_the_key(lab, tmp_path, monkeypatch):
 
 @pytest.mark.integration
 def test_old_images_go_but_not_one_another_run_still_makes_a_sif_of(lab, tmp_path):
-    from image import remove_old_remote_images
-
     name = f"keep{os.getpid()}"
     tags = [f"r2s-{name}:{word}" for word in ("aaa", "bbb", "ccc")]
     for tag in tags:
         subprocess.run(["docker", "tag", "debian:bookworm", tag], check=True)
-    settings = builder.settings_from_config(yaml.safe_load(builder_config(lab, tmp_path).read_text()))
+    config = validated(yaml.safe_load(builder_config(lab, tmp_path, keep_images=1).read_text()))
+    remote = builders.from_config(config, tmp_path / "log")
     try:
-        with builder.Builder(settings, tmp_path / "log") as connection:
-            under_way = builder.remote_paths(connection.workdir, name, "aaa")["folder"]
+        with remote.session("save_image") as session:
+            under_way = ssh_builder.remote_paths(session.workdir, name, "aaa")["folder"]
             Path(under_way).mkdir(parents=True)
-            assert connection.existing([under_way, under_way + "-not"]) == {under_way}
-            remove_old_remote_images(connection, name, tags[2], keep=1)
+            assert session.transport.existing([under_way, under_way + "-not"]) == {under_way}
+            remote.remove_old_images(session, name, tags[2])
         left = subprocess.run(["docker", "image", "ls", "--format", "{{.Tag}}", f"r2s-{name}"], capture_output=True, text=True).stdout.split()
         assert sorted(left) == ["aaa", "ccc"]
         assert "still being made into SIFs: r2s-" in (tmp_path / "log").read_text()
@@ -691,11 +710,11 @@ def test_old_images_go_but_not_one_another_run_still_makes_a_sif_of(lab, tmp_pat
 def test_trusting_an_unknown_host_records_its_key(lab, tmp_path):
     known_hosts = tmp_path / "known_hosts"
     config = yaml.safe_load(builder_config(lab, tmp_path, known_hosts=str(known_hosts), trust_unknown_host=True).read_text())
-    with builder.Builder(builder.settings_from_config(config)):
+    with ssh_transport.SSHTransport(ssh_settings(config["builder"]).target):
         pass
     assert known_hosts.read_text().split()[1:] == lab["sshd"].known_hosts_line().split()[1:]
     config["builder"]["trust_unknown_host"] = False
-    with builder.Builder(builder.settings_from_config(config)):
+    with ssh_transport.SSHTransport(ssh_settings(config["builder"]).target):
         pass  # known now: no trust needed
 
 
@@ -743,3 +762,29 @@ def test_connection_dropped_during_the_remote_build_is_one_line_and_the_rerun_co
     snakemake(workdir, "build", "--configfile", configfile, config=config)
     sif = folder / f"{NAME}.sif"
     assert sha256sum(sif) == (folder / f"{NAME}.sif.sha256").read_text().split()[0]
+
+
+@pytest.mark.integration
+def test_an_upload_to_a_builder_gone_silent_ends_in_one_line(lab, tmp_path):
+    """Issue 13 item 4: the source upload had no timeout and no keepalive, so a network that
+    died in silence during it hung the step for good. Freeze the builder's sshd (the kernel keeps
+    TCP up) once the source has begun to arrive there."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for index in range(16):
+        (source / f"blob-{index:02d}").write_bytes(os.urandom(16 << 20))
+    arrived = tmp_path / "remote-source" / "blob-00"
+    body = f"run_step('build_image', lambda: t.send_folder({str(source)!r}, {str(arrived.parent)!r}))"
+    step = step_on_builder(lab, tmp_path, body, QUICK_KEEPALIVE)
+    deadline = time.monotonic() + 60
+    while not (arrived.exists() and arrived.stat().st_size > 0):
+        assert step.poll() is None, step.stderr.read()
+        assert time.monotonic() < deadline, "the upload did not begin"
+        time.sleep(0.005)
+    _, stderr = communicate_while_frozen(step, lab["sshd"])
+    assert step.returncode != 0 and "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith(f"build_image: sending {source}: builder ") and lines[-1].endswith(
+        "has not answered a keepalive for 3 s (the network is gone?); run again"
+    ), stderr
+    assert not (tmp_path / "remote-source" / "blob-15").exists(), "the upload finished before the freeze"

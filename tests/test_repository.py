@@ -2,7 +2,7 @@
 
 import pytest
 
-from repository import (
+from repo2singularity.repository import (
     Repository,
     RepositoryError,
     check_ref,
@@ -137,3 +137,37 @@ def test_clone_of_a_missing_subdir_leaves_nothing(repo, tmp_path):
     with pytest.raises(RepositoryError, match="subdir 'nope' does not exist"):
         clone_commit(Repository(str(repo.path), "nope"), repo.first, destination)
     assert not destination.exists()
+
+
+def test_a_bare_repository_is_resolved_and_cloned_from(repo, tmp_path):
+    # sites keep bare mirrors on shared file systems; git clone takes their path as it is
+    bare = tmp_path / "mirrors" / "project.git"
+    repo.git("clone", "--quiet", "--bare", str(repo.path), str(bare))
+    found = check_repository(str(bare))
+    assert found == Repository(str(bare.resolve()))
+    assert resolve_ref(found, "trunk").sha == repo.second
+    destination = tmp_path / "source"
+    clone_commit(found, repo.first, destination)
+    assert (destination / "file-first.txt").exists() and not (destination / "file-second.txt").exists()
+    # relative to a base folder, and with a subdir, like any other repository
+    assert check_repository("project.git", "docs", base_dirs=(str(bare.parent),)) == Repository(str(bare.resolve()), "docs")
+
+
+def test_a_folder_inside_a_bare_repository_is_refused_in_one_line(repo, tmp_path):
+    bare = tmp_path / "project.git"
+    repo.git("clone", "--quiet", "--bare", str(repo.path), str(bare))
+    with pytest.raises(RepositoryError, match=r"inside the git folder of .*project\.git; give that folder") as error:
+        check_repository(str(bare / "refs" / "heads"))
+    assert "\n" not in str(error.value)
+
+
+def test_a_repository_of_another_user_names_the_git_setting_that_trusts_it(repo, tmp_path, monkeypatch):
+    # git refuses a repository owned by another account unless safe.directory lists it; the
+    # test knob of git makes this repository look foreign, an empty HOME drops any trust
+    bare = tmp_path / "shared.git"
+    repo.git("clone", "--quiet", "--bare", str(repo.path), str(bare))
+    (tmp_path / "home").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("GIT_TEST_ASSUME_DIFFERENT_OWNER", "1")
+    with pytest.raises(RepositoryError, match=r"belongs to another user .*safe\.directory .*shared\.git$"):
+        check_repository(str(bare))

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import stat
 import subprocess
 import time
@@ -15,11 +16,14 @@ from pathlib import Path
 
 import pytest
 
-import jupyter_launch as jupyter
-import slurm
-from conftest import PROJECT
+from conftest import PROJECT, started
 from jupyter_client import api, execute
-from steps import StepError
+from repo2singularity import jupyter, servers, slurm
+from repo2singularity.launchers.local import LocalLauncher
+from repo2singularity.launchers import slurm as slurm_launcher
+from repo2singularity.launchers.slurm import own_addresses, reachable_address, ssh_tunnel
+from repo2singularity.processes import ProcessIdentity
+from repo2singularity.step import StepError
 from workflow_runner import last_line, snakemake
 
 PROFILE = str(PROJECT / "profiles" / "slurm")
@@ -50,10 +54,10 @@ def test_refusal_reason_is_slurms_last_line_without_prefixes():
 
 
 def test_job_script_quotes_every_word(tmp_path):
-    script = slurm.job_script("/venv/bin/python", "/w/jupyter.py", tmp_path / "node.json", ["apptainer", "run", "/a b/sandbox", "$(x)"])
+    script = slurm.job_script("/venv/bin/python", "/w/serve_jupyter.py", tmp_path / "node.json", ["apptainer", "run", "/a b/sandbox", "$(x)"])
     assert script.startswith("#!/bin/sh\n")
     assert "'/a b/sandbox'" in script and "'$(x)'" in script
-    assert " serve " in script and " -- apptainer run " in script
+    assert "serve_jupyter.py " in script and " -- apptainer run " in script
 
 
 def test_culling_settings_follow_the_jupyter_application():
@@ -88,40 +92,74 @@ def test_server_command_for_a_slurm_job_leaves_address_and_port_to_the_node(tmp_
     assert not any("token" in word.lower() for word in command)
 
 
+def test_the_server_listens_where_the_login_node_reaches_the_node_never_on_its_names_loopback(monkeypatch):
+    """Issue 14: a stock Debian node maps its own name to 127.0.1.1, which no login node reaches."""
+    monkeypatch.setattr(socket, "gethostname", lambda: "node1")
+    monkeypatch.setattr("repo2singularity.launchers.slurm.resolve", lambda name: {"node1": "127.0.1.1", "login": "10.9.8.1"}.get(name))
+    monkeypatch.setattr("repo2singularity.launchers.slurm.route_source", lambda address: {"10.9.8.1": "10.9.8.3"}.get(address, "127.0.0.1"))
+    monkeypatch.setattr("repo2singularity.launchers.slurm.own_addresses", lambda: ["127.0.0.1", "10.9.8.3"])
+    monkeypatch.setattr("repo2singularity.launchers.slurm.slurm_node_address", lambda node: None)
+    assert reachable_address("login", "node1") == "10.9.8.3"
+    # the submit host cannot be resolved here: an interface's address, not the name's 127.0.1.1
+    assert reachable_address("elsewhere", "node1") == "10.9.8.3"
+    # submitted from this very host: loopback is reachable from there
+    assert reachable_address("node1", "node1") == "127.0.0.1"
+
+
 def test_age_listing_and_tunnel():
     started = datetime(2026, 1, 1, tzinfo=timezone.utc)
-    assert jupyter.age(started.isoformat(), started + timedelta(seconds=42)) == "42s"
-    assert jupyter.age(started.isoformat(), started + timedelta(minutes=3, seconds=5)) == "3m05s"
-    assert jupyter.age(started.isoformat(), started + timedelta(hours=2, minutes=7)) == "2h07m"
-    assert jupyter.ssh_tunnel("10.1.2.3", 40001, "login.example.org", "ann") == "ssh -N -L 40001:10.1.2.3:40001 ann@login.example.org"
-    assert jupyter.format_servers([]) == "no Jupyter servers recorded"
+    assert servers.age(started.isoformat(), started + timedelta(seconds=42)) == "42s"
+    assert servers.age(started.isoformat(), started + timedelta(minutes=3, seconds=5)) == "3m05s"
+    assert servers.age(started.isoformat(), started + timedelta(hours=2, minutes=7)) == "2h07m"
+    assert ssh_tunnel("10.1.2.3", 40001, "login.example.org", "ann") == "ssh -N -L 40001:10.1.2.3:40001 ann@login.example.org"
+    assert servers.format_servers([]) == "no Jupyter servers recorded"
     row = {"name": "x", "sha": "0123456789ab", "state": "running", "age": "1s", "where": "Slurm job 7 on n1", "url": "http://n1:1/", "details": "d"}
-    table = jupyter.format_servers([row]).splitlines()
+    table = servers.format_servers([row]).splitlines()
     assert table[0].split()[:4] == ["NAME", "SHA", "STATE", "AGE"] and "Slurm job 7 on n1" in table[1]
 
 
 def test_relaunch_retires_the_previous_local_server_and_stop_marks_it_ended(tmp_path):
-    def started(folder):
-        process = subprocess.Popen(["sleep", "60"], start_new_session=True)
-        connection = {"pid": process.pid, "url": "http://127.0.0.1:1/", "started": jupyter.now()}
-        jupyter.record_launch(folder / "launch.json", connection)
+    def launched_in(folder):
+        process = started(["sleep", "60"], start_new_session=True)
+        # what the local launcher records of the server it started
+        identity = ProcessIdentity.of(process.pid).record()
+        connection = {"launched_on": "local", "pid": process.pid, "process": identity, "url": "http://127.0.0.1:1/", "started": jupyter.now()}
+        servers.record_launch(folder / "launch.json", connection)
         return process, connection
 
     folder = tmp_path / "results" / "x" / ("0" * 40)
     folder.mkdir(parents=True)
-    first, _ = started(folder)
+    first, _ = launched_in(folder)
     # Snakemake deletes launch.json before it reruns the launch; the record remains
     (folder / "launch.json").unlink()
-    jupyter.retire_previous(folder / "launch.json")
+    servers.retire_previous(folder / "launch.json")
     assert first.wait(timeout=30) is not None
     assert json.loads((folder / "launch.ended.json").read_text())["replaced"] is True
-    second, connection = started(folder)
-    assert [row["state"] for row in jupyter.server_rows(tmp_path / "results")] == ["running"]
-    assert jupyter.stop_all(tmp_path / "results") == [(folder / "launch.json", True)]
+    second, connection = launched_in(folder)
+    assert [row["state"] for row in servers.server_rows(tmp_path / "results")] == ["running"]
+    assert servers.stop_all(tmp_path / "results") == [(folder / "launch.json", True)]
     assert second.wait(timeout=30) is not None
-    assert not (folder / "launch.json").exists() and not jupyter.record_file(folder / "launch.json").exists()
+    assert not (folder / "launch.json").exists() and not servers.record_file(folder / "launch.json").exists()
     assert json.loads((folder / "launch.ended.json").read_text())["pid"] == connection["pid"]
     assert stat.S_IMODE((folder / "launch.ended.json").stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("states", [["CONFIGURING"], ["RUNNING", "SUSPENDED"], ["PENDING", "REQUEUED"]])
+def test_a_job_that_left_the_queue_is_bounded_by_the_launch_timeout_whatever_its_state(monkeypatch, tmp_path, states):
+    """Issue 13 item 6: only PENDING has a deadline of its own (slurm_queue_timeout); any other
+    state the job lingers in counts against launch_timeout, and the error says which."""
+    seen = iter(states)
+    last = {"state": states[0]}
+
+    def job_state(job_id):
+        last["state"] = next(seen, last["state"])
+        return last["state"], "node1" if last["state"] == "RUNNING" else "Reason"
+
+    monkeypatch.setattr(slurm, "job_state", job_state)
+    monkeypatch.setattr(slurm_launcher, "POLL_SECONDS", 0.05)
+    with pytest.raises(StepError) as error:
+        slurm_launcher.SlurmLauncher.wait_for_server("7", tmp_path / "node.json", "t", 600, 1, tmp_path / "log")
+    assert f"(Slurm job 7, {states[-1]}: " in str(error.value) and "did not answer within 1 s" in str(error.value)
 
 
 # ------------------------------------------------------------------ the real cluster
@@ -238,7 +276,8 @@ def test_launch_json_names_node_port_job_and_tunnel(launched):
     assert stat.S_IMODE(launch_file.stat().st_mode) == 0o600
     assert stat.S_IMODE(Path(connection["log"]).stat().st_mode) == 0o600
     assert connection["launched_on"] == "slurm"
-    assert connection["host"] == jupyter.node_address(connection["node"]) != "0.0.0.0"
+    # the server listens on one address of its node, the one this host reaches it by
+    assert connection["host"] in own_addresses() and connection["host"] != "0.0.0.0"
     state, node = slurm.job_state(connection["slurm_job_id"])
     assert (state, node) == ("RUNNING", connection["node"])
     assert connection["ssh_tunnel"].startswith(f"ssh -N -L {connection['port']}:{connection['host']}:{connection['port']} ")
@@ -344,7 +383,7 @@ def test_server_that_never_answers_is_cancelled_after_the_wait(launched):
     result = on_slurm(workdir, "launch", config=config_for(repo, **settings), check=False)
     assert result.returncode != 0
     line = launch_error(result)
-    assert re.fullmatch(r"launch_jupyter: the Jupyter server \(Slurm job \d+\) did not answer within 5 s; it was cancelled; see .*", line), line
+    assert re.fullmatch(r"launch_jupyter: the Jupyter server \(Slurm job \d+, RUNNING: \S+\) did not answer within 5 s; it was cancelled; see .*", line), line
     assert not my_active_jobs()
 
 
@@ -384,5 +423,5 @@ def test_idle_local_server_shuts_itself_down(launched):
     snakemake(workdir, "launch", config=config_for(repo, launch_on="local", idle_timeout=5))
     connection = read_connection(workdir, sha)
     assert connection["launched_on"] == "local"
-    wait_until(lambda: not jupyter.server_running(connection), 150, "the idle local server still runs")
+    wait_until(lambda: not LocalLauncher().running(connection), 150, "the idle local server still runs")
     stop(workdir, repo)

@@ -6,9 +6,12 @@ import stat
 
 import pytest
 
-from jupyter_launch import server_command
-from runtime import choose_compression, compression_arguments
-from steps import StepError, run_logged, write_json_atomic
+from repo2singularity import step as steps
+from repo2singularity.files import write_json_atomic
+from repo2singularity.jupyter import server_command
+from repo2singularity.runtime import choose_compression, compression_arguments
+from repo2singularity.step import StepError
+from repo2singularity.tools import run_logged
 
 
 def test_auto_compression_is_zstd_where_the_runtime_takes_mksquashfs_args():
@@ -59,8 +62,6 @@ def test_sigterm_while_a_tool_starts_is_held_until_the_tool_can_be_stopped(tmp_p
     import signal
     import time
 
-    import steps
-
     previous = signal.signal(signal.SIGTERM, steps.stop_on_signal)
     try:
         with steps.signals_deferred():
@@ -99,15 +100,15 @@ def test_a_tool_deaf_to_the_first_sigterm_is_still_stopped_despite_a_second_one(
     script.write_text(
         "import os, signal, sys, threading, time\n"
         f"sys.path.insert(0, {str(scripts)!r})\n"
-        "import steps\n"
-        "signal.signal(signal.SIGTERM, steps.stop_on_signal)\n"
+        "from repo2singularity import step, tools\n"
+        "signal.signal(signal.SIGTERM, step.stop_on_signal)\n"
         "def twice():\n"
         "    for pause in (0.5, 0.3):\n"
         "        time.sleep(pause)\n"
         "        os.kill(os.getpid(), signal.SIGTERM)\n"
         "threading.Thread(target=twice, daemon=True).start()\n"
         "try:\n"
-        f"    steps.run_logged(['sh', '-c', \"trap '' TERM; sleep 2; trap - TERM; sleep 300.7\"], {str(tmp_path / 'log')!r}, 'step')\n"
+        f"    tools.run_logged(['sh', '-c', \"trap '' TERM; sleep 2; trap - TERM; sleep 300.7\"], {str(tmp_path / 'log')!r}, 'step')\n"
         "except SystemExit:\n"
         "    print('stopped', flush=True)\n"
     )
@@ -117,3 +118,25 @@ def test_a_tool_deaf_to_the_first_sigterm_is_still_stopped_despite_a_second_one(
     assert time.monotonic() - started < 15
     running = subprocess.run(["pgrep", "-f", "sleep 300.7"], capture_output=True, text=True).stdout.split()
     assert not running, "the tool outlived its stopped step"
+
+
+def test_progress_lines_say_where_the_tool_is():
+    """Issue 14: a progress line names repo2docker's build step, Apptainer's phase, a percentage."""
+    from repo2singularity.tools import describe_progress
+
+    buildx = ["#6 [2/6] RUN apt-get update && apt-get install jupyter-notebook", "#6 3.21 Get:12 http://deb.debian.org/debian bookworm/main python3"]
+    assert describe_progress(buildx) == "build step 2/6: RUN apt-get update && apt-get install jupyter-notebook | Get:12 http://deb.debian.org/debian bookworm/main…"
+    assert describe_progress(["Step 3/5 : COPY . /home/jovyan", " ---> abc"]) == "build step 3/5: COPY . /home/jovyan"
+    assert describe_progress(["INFO:    Starting build...", "2026/11/30 warn rootless{dev/full} creating empty file", "INFO:    Creating SIF file..."]) == "Creating SIF file"
+    assert describe_progress(["[=====|     ] 1200/2400  50%"]) == "[=====| ] 1200/2400 50%"
+    assert describe_progress(["nothing to say"]) is None
+
+
+def test_a_running_tool_reports_its_build_step(tmp_path, monkeypatch, capsys):
+    from repo2singularity import tools
+
+    monkeypatch.setattr(tools, "PROGRESS_SECONDS", 0.2)
+    run_logged(["sh", "-c", "echo '#5 [2/3] RUN make all'; sleep 2; echo '#6 [3/3] COPY . /srv'; sleep 2"], tmp_path / "log", "build_image")
+    lines = capsys.readouterr().err.splitlines()
+    assert any(line.startswith("  build_image: build step 2/3: RUN make all (0m") for line in lines), lines
+    assert any(line.startswith("  build_image: build step 3/3: COPY . /srv (0m") for line in lines), lines

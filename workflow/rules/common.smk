@@ -1,4 +1,5 @@
 import functools
+import json
 import os
 import sys
 import time
@@ -10,7 +11,9 @@ min_version("9.0")
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow" / "scripts"))
 
-import builds
+from repo2singularity import PROGRAM, builders, builds, registry, results, servers
+from repo2singularity.repository import redact_url
+from repo2singularity.shared_sifs import PULLED, PUSHED
 
 RESULTS = "results"
 SCRIPTS = "../scripts"
@@ -21,11 +24,14 @@ CALL_STAMP = time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
 
 def fail(message):
     """Stop before anything runs, with one line instead of a traceback."""
-    sys.exit(f"{builds.PROGRAM}: {message}")
+    sys.exit(f"{PROGRAM}: {message}")
 
 
 try:
+    builds.check_no_aliases(config)
     validate(config, "../schemas/config.schema.yaml")
+except builds.InvalidInput as error:
+    fail(str(error))
 except WorkflowError as error:
     fail(builds.describe_validation_error(error))
 
@@ -41,6 +47,18 @@ try:
     )
 except builds.InvalidInput as error:
     fail(str(error))
+
+try:
+    # None unless `registry` is set and `registry_mode` is pull or push
+    REGISTRY = registry.RegistrySettings.from_config(config)
+except registry.RegistryError as error:
+    fail(str(error))
+
+# every job's script gets the configuration pickled into .snakemake/scripts/, which a killed
+# workflow leaves behind: it keeps the repository without credentials (the clone gets them from
+# the build's Repository)
+if config.get("repo"):
+    config["repo"] = redact_url(str(config["repo"]))
 
 
 wildcard_constraints:
@@ -75,6 +93,78 @@ def get_sifs_before_run():
     }
 
 
+@functools.cache
+def get_registry_lookup():
+    """{(name, sha): what the registry holds} of the resolved images whose SIF is not here yet,
+    asked in parallel once per run (so a run with nothing to do asks nothing); empty without a
+    registry. A registry that does not answer stops a pull run; a push run builds instead.
+    """
+    if REGISTRY is None:
+        return {}
+    missing = [
+        (b.name, b.sha)
+        for b in get_resolved_builds()
+        if not Path(RESULTS, b.name, b.sha, f"{b.name}.sif").exists()
+    ]
+    if not missing:
+        return {}
+    from repo2singularity import shared_sifs
+
+    try:
+        found, notes = shared_sifs.look_up(REGISTRY, missing)
+    except registry.RegistryError as error:
+        if REGISTRY.mode == "pull":
+            fail(str(error))
+        print(
+            f"{PROGRAM}: {error}; what is missing is built, and its push tried after",
+            file=sys.stderr,
+        )
+        return {}
+    for note in notes:
+        print(f"{PROGRAM}: {note}", file=sys.stderr)
+    return found
+
+
+def is_pulled(name, sha):
+    """Whether the image's SIF comes from the registry: pulled here before, or to be pulled."""
+    return (
+        Path(RESULTS, name, sha, PULLED.format(name=name)).exists()
+        or (name, sha) in get_registry_lookup()
+    )
+
+
+def get_registry_image(wildcards):
+    """Nothing for an image whose SIF comes from the registry. For any other, a file that is
+    never there and that nothing makes; Snakemake then cannot use pull_sif and quietly takes
+    build_image and build_sif (an exception would do the same, with a warning per image).
+    """
+    if is_pulled(wildcards.name, wildcards.sha):
+        return []
+    return f"{RESULTS}/.registry/not-in-registry/{wildcards.name}/{wildcards.sha}"
+
+
+def get_registry_reference(wildcards):
+    """Where the image is (or goes) in the registry: what it was pulled from, else the setting's."""
+    pulled = Path(
+        RESULTS, wildcards.name, wildcards.sha, PULLED.format(name=wildcards.name)
+    )
+    if pulled.exists():
+        return json.loads(pulled.read_text())["reference"]
+    return REGISTRY.reference(wildcards.name, wildcards.sha) if REGISTRY else ""
+
+
+def get_push_targets(wildcards):
+    """In push mode, the push receipt of every image that is not from the registry."""
+    if REGISTRY is None or REGISTRY.mode != "push":
+        return []
+    get_sifs_before_run()
+    return [
+        f"{RESULTS}/{b.name}/{b.sha}/{PUSHED.format(name=b.name)}"
+        for b in get_resolved_builds()
+        if not is_pulled(b.name, b.sha)
+    ]
+
+
 def get_build(wildcards):
     return settings.builds[wildcards.name]
 
@@ -98,7 +188,7 @@ def get_default_targets(wildcards):
         target
         for step in steps
         for target in get_targets(f"{{results}}/{{name}}/{{sha}}/{step}")(wildcards)
-    ]
+    ] + get_push_targets(wildcards)
 
 
 def get_resolved_build(wildcards):
@@ -122,6 +212,11 @@ def get_step_benchmark(step):
     return f"{RESULTS}/{{name}}/{{sha}}/benchmarks/{step}.tsv"
 
 
+def get_launch_runtime_args(wildcards):
+    """The config's `launch_runtime_args`, then the image's own `runtime_options` (manifest)."""
+    return [*config["launch_runtime_args"], *get_build(wildcards).runtime_options]
+
+
 def get_image_tag(wildcards):
     return builds.image_tag(settings, wildcards.name, wildcards.sha)
 
@@ -131,10 +226,16 @@ def write_run_summary():
     images that failed."""
     if not (settings.from_manifest and get_resolution.cache_info().currsize):
         return 0
-    import summary
+    from repo2singularity import summary
 
     failed = summary.write_summary(
-        RESULTS, get_resolution(), get_sifs_before_run(), RUN_STARTED
+        RESULTS,
+        get_resolution(),
+        get_sifs_before_run(),
+        RUN_STARTED,
+        BUILDER.saved_image_file,
+        pushing=bool(REGISTRY and REGISTRY.mode == "push"),
+        from_registry={name for name, _ in get_registry_lookup()},
     )
     print(Path(RESULTS, "summary.md").read_text())
     return failed

@@ -1,13 +1,9 @@
-import builder as remote_builder
-
 try:
-    # `builder: local` (the default) or a host reached over SSH; see README "Remote builder"
-    BUILDER = remote_builder.settings_from_config(config)
-except remote_builder.InvalidBuilder as error:
+    # `builder: local` (the default) or a mapping naming a kind (`ssh`: a host over SSH); see
+    # README "Remote builder" and workflow/scripts/repo2singularity/builders/
+    BUILDER = builders.builder_class(config)
+except builders.InvalidBuilder as error:
     fail(str(error))
-# With a remote builder the saved image stays there and a receipt names it here: the DAG keeps
-# its shape, only the file that stands for the tarball changes
-SAVED_IMAGE = "image.tar.receipt.json" if BUILDER else "image.tar"
 
 
 rule build_image:
@@ -31,21 +27,21 @@ rule build_image:
         user_id=settings.user_id,
         extra_args=lambda wildcards: get_build(wildcards).repo2docker_args,
     script:
-        f"{SCRIPTS}/image.py"
+        f"{SCRIPTS}/build_image.py"
 
 
 rule save_image:
     input:
         receipt=rules.build_image.output.receipt,
     output:
-        tarball=temp(f"{RESULTS}/{{name}}/{{sha}}/{SAVED_IMAGE}"),
+        tarball=temp(f"{RESULTS}/{{name}}/{{sha}}/{BUILDER.saved_image_file}"),
     log:
         get_step_log("save_image"),
     benchmark:
         get_step_benchmark("save_image")
     localrule: True
     script:
-        f"{SCRIPTS}/image.py"
+        f"{SCRIPTS}/save_image.py"
 
 
 rule check_builder:
@@ -55,4 +51,4 @@ rule check_builder:
         f"{RESULTS}/benchmarks/check_builder/{CALL_STAMP}.tsv"
     localrule: True
     script:
-        f"{SCRIPTS}/builder.py"
+        f"{SCRIPTS}/check_builder.py"

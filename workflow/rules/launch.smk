@@ -1,6 +1,3 @@
-import jupyter_launch
-
-
 rule launch_jupyter:
     input:
         sandbox=rules.unpack_sandbox.output.sandbox,
@@ -21,12 +18,13 @@ rule launch_jupyter:
         timeout=settings.launch_timeout,
         writable=settings.launch_writable,
         idle_timeout=config["idle_timeout"],
+        # read by the launcher from the configuration; here so that a change relaunches
         launch_on=config["launch_on"],
-        slurm=jupyter_launch.slurm_settings(config),
-        runtime_args=config["launch_runtime_args"],
+        slurm={key: config[key] for key in config if key.startswith("slurm_")},
+        runtime_args=get_launch_runtime_args,
         binds=config["launch_binds"],
     script:
-        f"{SCRIPTS}/jupyter_launch.py"
+        f"{SCRIPTS}/launch_jupyter.py"
 
 
 rule launch:
@@ -43,7 +41,7 @@ rule servers:
     params:
         results=RESULTS,
     script:
-        f"{SCRIPTS}/jupyter_launch.py"
+        f"{SCRIPTS}/list_servers.py"
 
 
 rule stop:
@@ -56,7 +54,7 @@ rule stop:
         names=list(settings.builds),
         results=RESULTS,
     script:
-        f"{SCRIPTS}/jupyter_launch.py"
+        f"{SCRIPTS}/stop_servers.py"
 
 
 onsuccess:
@@ -65,6 +63,12 @@ onsuccess:
         for build in get_resolved_builds():
             connection_file = Path(RESULTS, build.name, build.sha, "launch.json")
             if connection_file.exists():
-                print(jupyter_launch.connection_message(connection_file))
+                print(servers.connection_message(connection_file))
+        # the last lines: where each image's SIF is (a manifest's summary lists them instead)
+        if not settings.from_manifest:
+            for build in get_resolved_builds():
+                line = results.sif_line(RESULTS, build.name, build.sha)
+                if line:
+                    print(line)
     if write_run_summary():
         fail("some images of the manifest failed; see results/summary.md")

@@ -11,7 +11,7 @@ rule unpack_sandbox:
     params:
         runtime=settings.runtime,
     script:
-        f"{SCRIPTS}/runtime.py"
+        f"{SCRIPTS}/unpack_sandbox.py"
 
 
 rule sandbox:

@@ -10,12 +10,14 @@ rule build_sif:
         get_step_benchmark("build_sif")
     localrule: True
     params:
+        # read by the builder from the configuration; here so that a change rebuilds the SIF
         runtime=settings.runtime,
         compression=settings.sif_compression,
     script:
-        f"{SCRIPTS}/runtime.py"
+        f"{SCRIPTS}/build_sif.py"
 
 
 rule build:
     input:
         get_targets("{results}/{name}/{sha}/{name}.sif"),
+        get_push_targets,

@@ -19,7 +19,7 @@ rule describe_image:
             for step in ("clone_source", "build_image", "save_image", "build_sif")
         ],
     script:
-        f"{SCRIPTS}/summary.py"
+        f"{SCRIPTS}/describe_image.py"
 
 
 rule prune:
@@ -33,7 +33,7 @@ rule prune:
         keep=settings.keep_sifs,
         names=list(settings.builds),
     script:
-        f"{SCRIPTS}/retention.py"
+        f"{SCRIPTS}/prune.py"
 
 
 onerror:

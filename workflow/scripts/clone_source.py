@@ -1,22 +1,14 @@
 """Rule clone_source: check out exactly the resolved commit."""
 
-from repository import RepositoryError, clone_commit
-from steps import StepError, main
+from repo2singularity.repository import RepositoryError, clone_logged
+from repo2singularity.step import StepError, run_step
 
 
-def clone(repository, sha, destination, log):
-    with open(log, "a") as handle:
-        print(f"cloning {repository.display_url} at {sha}", file=handle, flush=True)
-        try:
-            clone_commit(repository, sha, destination)
-        except RepositoryError as error:
-            print(error, file=handle)
-            raise StepError(str(error)) from None
-        print(f"checked out into {destination}", file=handle)
+def clone():
+    try:
+        clone_logged(snakemake.params.repository, snakemake.wildcards.sha, snakemake.output.source, snakemake.log[0])
+    except RepositoryError as error:
+        raise StepError(str(error)) from None
 
 
-if "snakemake" in globals():
-    main(
-        "clone_source",
-        lambda: clone(snakemake.params.repository, snakemake.wildcards.sha, snakemake.output.source, snakemake.log[0]),
-    )
+run_step("clone_source", clone)

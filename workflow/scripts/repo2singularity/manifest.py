@@ -10,6 +10,8 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from .input_limits import capped, schema_message
+
 MAX_ROWS = 10_000
 MAX_BYTES = 16 << 20
 LIST_COLUMNS = ("repo2docker_args", "runtime_options")
@@ -71,13 +73,39 @@ def tsv_rows(path, text):
     return rows, problems
 
 
+class AliasInManifest(Exception):
+    """A YAML anchor or alias, on the line it is found."""
+
+    def __init__(self, line):
+        self.line = line
+
+
 class LineLoader(yaml.SafeLoader):
-    """Remembers the line each mapping starts on."""
+    """Remembers the line each mapping starts on; refuses anchors and aliases (`&name`, `*name`),
+    which load as one object used at each place, so that a few lines could stand for 10**8 values
+    to whatever checks or prints them."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise AliasInManifest(event.start_mark.line + 1)
+        return super().compose_node(parent, index)
+
+    def construct_yaml_int(self, node):
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:  # Python reads no integer of more than 4,300 digits
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a number of {len(node.value)} digits is too long; quote it", node.start_mark
+            ) from None
 
     def construct_mapping(self, node, deep=False):
         mapping = super().construct_mapping(node, deep=deep)
         mapping["__line__"] = node.start_mark.line + 1
         return mapping
+
+
+LineLoader.add_constructor("tag:yaml.org,2002:int", LineLoader.construct_yaml_int)
 
 
 def yaml_rows(path, text):
@@ -87,7 +115,11 @@ def yaml_rows(path, text):
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
-        raise ManifestError([f"{path}{where}: not valid YAML: {getattr(error, 'problem', error)}"]) from None
+        raise ManifestError([capped(f"{path}{where}: not valid YAML: {getattr(error, 'problem', error)}")]) from None
+    except AliasInManifest as error:
+        raise ManifestError(
+            [f"{path}:{error.line}: YAML anchors and aliases (&name, *name) are not allowed in a manifest; write each value out"]
+        ) from None
     if isinstance(document, dict) and "images" in document:
         document = document["images"]
     if not isinstance(document, list):
@@ -115,7 +147,7 @@ def load_rows(path, schema):
         errors = sorted(validator.iter_errors(row.values), key=lambda e: list(e.absolute_path))
         for error in errors:
             where = "/".join(str(p) for p in error.absolute_path)
-            problems.append(f"{path}:{row.line}: {where + ': ' if where else ''}{error.message}")
+            problems.append(f"{path}:{row.line}: {where + ': ' if where else ''}{schema_message(error)}")
         if errors:
             continue
         for key, subschema in schema["properties"].items():

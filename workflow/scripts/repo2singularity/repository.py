@@ -14,6 +14,8 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
+from .input_limits import cut, shown
+
 ALLOWED_SCHEMES = ("https", "http", "ssh", "git", "file")
 GIT_TIMEOUT_SECONDS = 120
 SHA_PATTERN = re.compile(r"[0-9a-f]{40}")
@@ -68,9 +70,37 @@ class Repository:
     def display_url(self):
         return redact_url(self.url)
 
+    @property
+    def shown_url(self):
+        """The display URL as error lines echo it: cut short."""
+        return cut(self.display_url, 120)
+
     def __repr__(self):
         # whatever prints this object (an error message, a debug log) shows no credentials
         return f"Repository({self.display_url!r}, subdir={self.subdir!r})"
+
+    def __reduce__(self):
+        # Snakemake pickles a rule's params into .snakemake/scripts/, and a killed workflow leaves
+        # that file behind: what is pickled names the URL without credentials, and the URL with
+        # them waits in this process's environment, which the job's process inherits
+        if self.url == self.display_url:
+            return (Repository, (self.url, self.subdir))
+        return (repository_from_environment, (self.display_url, self.subdir, stash_url(self.url)))
+
+
+def stash_url(url):
+    import hashlib
+
+    name = f"R2S_REPOSITORY_URL_{hashlib.sha256(url.encode()).hexdigest()[:16]}"
+    os.environ[name] = url
+    return name
+
+
+def repository_from_environment(display_url, subdir, name):
+    url = os.environ.get(name)
+    if url is None:
+        raise RepositoryError(f"the credentials of {display_url} are not in this process's environment; run the workflow again")
+    return Repository(url, subdir)
 
 
 def check_repository(spec, subdir="", base_dirs=(".",)):
@@ -87,49 +117,74 @@ def check_repository(spec, subdir="", base_dirs=(".",)):
     if has_control_characters(spec):
         raise RepositoryError("repository contains control characters")
     if spec.startswith("-"):
-        raise RepositoryError(f"repository may not start with '-': {spec!r}")
+        raise RepositoryError(f"repository may not start with '-': {shown(spec)}")
     check_subdir(subdir)
     scheme = urllib.parse.urlsplit(spec).scheme
     if "::" in spec.split("/", 1)[0]:
         raise RepositoryError(
-            f"git transport '{spec.split('::', 1)[0]}::' is not allowed (it runs commands)"
+            f"git transport {shown(spec.split('::', 1)[0] + '::')} is not allowed (it runs commands)"
         )
     if "://" in spec:
         if scheme.lower() not in ALLOWED_SCHEMES:
             raise RepositoryError(
-                f"URL scheme '{scheme}' is not allowed; use one of {', '.join(ALLOWED_SCHEMES)}"
+                f"URL scheme {shown(scheme)} is not allowed; use one of {', '.join(ALLOWED_SCHEMES)}"
             )
         return Repository(spec, subdir)
     for base_dir in base_dirs:
         local = Path(base_dir, spec)
-        if local.is_dir():
+        if is_folder(local):
             return local_repository(local, subdir)
     if SCP_LIKE_PATTERN.match(spec) and not spec.startswith(("/", ".")):
         return Repository(spec, subdir)
-    raise RepositoryError(f"repository not found: {spec} is neither a URL nor a folder")
+    raise RepositoryError(f"repository not found: {shown(spec)} is neither a URL nor a folder")
+
+
+def is_folder(path):
+    try:
+        return path.is_dir()
+    except OSError:  # e.g. a name too long for the file system: not a folder either
+        return False
 
 
 def local_repository(folder, subdir):
+    """A folder on this machine: a work tree (or a folder in one: that repository, with the
+    folder as subdir), or a git folder itself, such as a bare mirror, which git clones as it is."""
     folder = folder.resolve()
-    result = subprocess.run(
-        ["git", "-C", str(folder), "rev-parse", "--show-toplevel"],
-        capture_output=True,
-        text=True,
-        env=git_environment(),
-    )
-    if result.returncode != 0:
-        raise RepositoryError(f"repository not found: {folder} is not in a git repository")
-    top = Path(result.stdout.strip()).resolve()
+    where = rev_parse(folder, "--is-inside-git-dir", "--absolute-git-dir").splitlines()
+    if where[0] == "true":
+        git_dir = Path(where[1]).resolve()
+        if git_dir != folder:
+            raise RepositoryError(f"repository not found: {folder} is inside the git folder of {git_dir}; give that folder")
+        return Repository(str(folder), subdir)
+    top = Path(rev_parse(folder, "--show-toplevel").strip()).resolve()
     inner = folder.relative_to(top).as_posix()
     inner = "" if inner == "." else inner
     return Repository(str(top), "/".join(p for p in (inner, subdir) if p))
 
 
+def rev_parse(folder, *options):
+    result = subprocess.run(
+        ["git", "-C", str(folder), "rev-parse", *options],
+        capture_output=True,
+        text=True,
+        env=git_environment(),
+    )
+    if result.returncode == 0:
+        return result.stdout
+    if "dubious ownership" in result.stderr:
+        # shared mirrors usually belong to another account, and git reads those only when trusted
+        raise RepositoryError(
+            f"repository {folder} belongs to another user and git does not trust it: "
+            f"git config --global --add safe.directory {folder}"
+        )
+    raise RepositoryError(f"repository not found: {folder} is not in a git repository")
+
+
 def check_subdir(subdir):
     if has_control_characters(subdir) or subdir.startswith("-"):
-        raise RepositoryError(f"subdir is not a plain folder name: {subdir!r}")
+        raise RepositoryError(f"subdir is not a plain folder name: {shown(subdir)}")
     if ".." in Path(subdir).parts:
-        raise RepositoryError(f"subdir may not leave the repository: {subdir!r}")
+        raise RepositoryError(f"subdir may not leave the repository: {shown(subdir)}")
 
 
 def check_ref(ref):
@@ -138,7 +193,7 @@ def check_ref(ref):
     if has_control_characters(ref):
         raise RepositoryError("ref contains control characters")
     if ref.startswith("-"):
-        raise RepositoryError(f"ref may not start with '-': {ref!r}")
+        raise RepositoryError(f"ref may not start with '-': {shown(ref)}")
     if len(ref) > 255:
         raise RepositoryError(f"ref is longer than 255 characters ({len(ref)})")
     if (
@@ -147,7 +202,7 @@ def check_ref(ref):
         or ref.endswith((".", "/", ".lock"))
         or ref.startswith("/")
     ):
-        raise RepositoryError(f"ref is not a valid git ref name: {ref!r}")
+        raise RepositoryError(f"ref is not a valid git ref name: {shown(ref)}")
     return ref
 
 
@@ -165,13 +220,13 @@ def run_git(args, repository, cwd=None):
         )
     except subprocess.TimeoutExpired:
         raise RepositoryError(
-            f"git {args[0]} timed out after {GIT_TIMEOUT_SECONDS} s for {repository.display_url}"
+            f"git {args[0]} timed out after {GIT_TIMEOUT_SECONDS} s for {repository.shown_url}"
         ) from None
     if result.returncode != 0:
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         reason = lines[0] if lines else f"exit status {result.returncode}"
-        reason = reason.replace(repository.url, repository.display_url)
-        raise RepositoryError(f"git {args[0]} failed for {repository.display_url}: {reason}")
+        reason = cut(reason.replace(repository.url, repository.shown_url), 300)
+        raise RepositoryError(f"git {args[0]} failed for {repository.shown_url}: {reason}")
     return result.stdout
 
 
@@ -201,7 +256,7 @@ def resolve_ref(repository, ref, cache_dir=None):
     refs, head_branch = list_remote_refs(repository)
     if ref in ("", "HEAD"):
         if "HEAD" not in refs:
-            raise RepositoryError(f"{repository.display_url} has no default branch (empty?)")
+            raise RepositoryError(f"{repository.shown_url} has no default branch (empty?)")
         return ResolvedRef(refs["HEAD"], head_branch or "HEAD")
     # git's own precedence: a full ref name, then a tag, then a branch
     for candidate in (ref, f"refs/tags/{ref}", f"refs/heads/{ref}"):
@@ -212,7 +267,7 @@ def resolve_ref(repository, ref, cache_dir=None):
             return ResolvedRef(peeled or refs[candidate], ref)
     if SHORT_SHA_PATTERN.fullmatch(ref.lower()):
         return ResolvedRef(resolve_commit(repository, ref.lower(), refs, cache_dir), ref)
-    raise RepositoryError(f"ref {ref!r} not found in {repository.display_url}")
+    raise RepositoryError(f"ref {ref!r} not found in {repository.shown_url}")
 
 
 def resolve_commit(repository, sha_prefix, advertised, cache_dir):
@@ -221,7 +276,7 @@ def resolve_commit(repository, sha_prefix, advertised, cache_dir):
     if len(tips) == 1:
         return tips.pop()
     if cache_dir is None:
-        raise RepositoryError(f"commit {sha_prefix} is not a branch or tag tip of {repository.display_url}")
+        raise RepositoryError(f"commit {sha_prefix} is not a branch or tag tip of {repository.shown_url}")
     mirror = update_mirror(repository, Path(cache_dir))
     try:
         output = run_git(
@@ -231,7 +286,7 @@ def resolve_commit(repository, sha_prefix, advertised, cache_dir):
         )
     except RepositoryError:
         raise RepositoryError(
-            f"ref {sha_prefix!r} not found in {repository.display_url} (no such commit, or ambiguous)"
+            f"ref {sha_prefix!r} not found in {repository.shown_url} (no such commit, or ambiguous)"
         ) from None
     return output.strip()
 
@@ -310,3 +365,15 @@ def fetch_commit(repository, sha, partial):
     if repository.subdir and not (partial / repository.subdir).is_dir():
         raise RepositoryError(f"subdir {repository.subdir!r} does not exist at commit {sha[:12]}")
 
+
+
+def clone_logged(repository, sha, destination, log):
+    """clone_commit with what it did in the step's log; RepositoryError in one line."""
+    with open(log, "a") as handle:
+        print(f"cloning {repository.display_url} at {sha}", file=handle, flush=True)
+        try:
+            clone_commit(repository, sha, destination)
+        except RepositoryError as error:
+            print(error, file=handle)
+            raise
+        print(f"checked out into {destination}", file=handle)

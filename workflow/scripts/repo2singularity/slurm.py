@@ -7,7 +7,7 @@ import shlex
 import subprocess
 import time
 
-from steps import StepError
+from .step import StepError
 
 # states in which a job may still start or is running (squeue --states=... spelling)
 ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "RESIZING", "SUSPENDED", "REQUEUED"}
@@ -31,9 +31,10 @@ def sbatch_command(script, job_name, output, workdir, partition="", time_limit="
 
 
 def job_script(python, entry, node_file, command):
-    """A POSIX shell script that hands over to `entry serve`, which picks the port on the node
-    (only the node knows which are free) and then becomes the server itself."""
-    words = [python, entry, "serve", node_file, "--", *command]
+    """A POSIX shell script that hands over to `entry` (workflow/scripts/serve_jupyter.py), which
+    picks the address and port on the node (only the node knows which are free) and then
+    becomes the server itself."""
+    words = [python, entry, node_file, "--", *command]
     return (
         "#!/bin/sh\n"
         "# Jupyter server of repo2singularity, written and submitted by the launch_jupyter rule\n"

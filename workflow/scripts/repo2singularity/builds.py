@@ -4,12 +4,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import manifest as manifest_file
-import naming
-from image import image_labels
-from repository import Repository, RepositoryError, check_ref, check_repository, resolve_ref
+from . import manifest as manifest_file
+from . import naming
+from .image import image_labels
+from .input_limits import capped, repeated_container, schema_message, shown
+from .repo2docker_options import RefusedOption, check_repo2docker_args
+from .repository import Repository, RepositoryError, check_ref, check_repository, resolve_ref
 
-PROGRAM = "repo2singularity"
 NAME_PATTERN = r"[a-z0-9][a-z0-9._-]*"
 
 
@@ -24,8 +25,19 @@ def describe_validation_error(error):
     cause = error.__context__  # Snakemake raises its error while handling jsonschema's
     if isinstance(cause, jsonschema.exceptions.ValidationError):
         where = "/".join(str(p) for p in cause.absolute_path)
-        return f"invalid config{f' at {where!r}' if where else ''}: {cause.message}"
-    return f"invalid config: {str(error).splitlines()[0]}"
+        return capped(f"invalid config{f' at {shown(where)}' if where else ''}: {schema_message(cause)}")
+    return capped(f"invalid config: {str(error).splitlines()[0]}")
+
+
+def check_no_aliases(config):
+    """Refuse a config with a YAML alias of a list or mapping before schema validation walks and
+    prints it (nested aliases multiply: 8 levels of 10 are 10**8 values)."""
+    where = repeated_container(config)
+    if where is not None:
+        raise InvalidInput(
+            f"invalid config: {shown('/'.join(map(str, where)))} is a YAML alias (*name) of a list or mapping "
+            "used before; write each value out"
+        )
 
 
 @dataclass(frozen=True)
@@ -49,11 +61,15 @@ def check_build(values, base_dirs, default_repo2docker_args=()):
             f"quote a sha made of digits only: ref=\"'{ref}'\""
         )
     name = naming.check_name(values.get("name") or naming.default_name(repository.url, repository.subdir))
+    try:
+        repo2docker_args = check_repo2docker_args(values.get("repo2docker_args", default_repo2docker_args))
+    except RefusedOption as error:
+        raise InvalidInput(f"repo2docker_args: {error}") from None
     return BuildSpec(
         name,
         repository,
         ref,
-        repo2docker_args=tuple(values.get("repo2docker_args", default_repo2docker_args)),
+        repo2docker_args=repo2docker_args,
         runtime_options=tuple(values.get("runtime_options", ())),
     )
 
@@ -67,13 +83,13 @@ def builds_from_manifest(path, schema_path, base_dirs, default_repo2docker_args,
     for row in rows:
         name = row.values["name"]
         if name in first_line:
-            problems.append(f"{path}:{row.line}: name {name!r} is already used on line {first_line[name]}")
+            problems.append(f"{path}:{row.line}: name {shown(name)} is already used on line {first_line[name]}")
             continue
         first_line[name] = row.line
         wanted = row.values.get("builder") or run_builder
         if wanted != run_builder:
             problems.append(
-                f"{path}:{row.line}: builder {wanted!r}, but this run builds "
+                f"{path}:{row.line}: builder {shown(wanted)}, but this run builds "
                 f"{'on this machine' if run_builder == 'local' else 'on the remote builder of the config'}; "
                 "one run has one builder: build such rows in a run of their own"
             )
@@ -85,7 +101,7 @@ def builds_from_manifest(path, schema_path, base_dirs, default_repo2docker_args,
             continue
         found[build.name] = build
     if problems:
-        raise manifest_file.ManifestError(sorted(problems, key=line_number))
+        raise manifest_file.ManifestError(sorted((capped(problem) for problem in problems), key=line_number))
     return found
 
 
@@ -105,8 +121,8 @@ class Settings:
     jupyter_command: tuple
     launch_timeout: int
     launch_writable: bool
-    resolve_connections: int = 8
-    keep_sifs: int = 3
+    resolve_connections: int
+    keep_sifs: int
     from_manifest: bool = False
     builds: dict = field(default_factory=dict)
 
@@ -115,13 +131,17 @@ class Settings:
         default_args = tuple(config["repo2docker_args"])
         try:
             if config.get("manifest"):
+                try:
+                    check_repo2docker_args(default_args)  # every row's default: once, not on each row
+                except RefusedOption as error:
+                    raise InvalidInput(capped(f"repo2docker_args of the config: {error}")) from None
                 run_builder = "local" if config.get("builder", "local") in (None, "", "local") else "remote"
                 builds = builds_from_manifest(config["manifest"], manifest_schema, base_dirs, default_args, run_builder)
             else:
                 build = check_build(config, base_dirs, default_args)
                 builds = {build.name: build}
         except (RepositoryError, naming.InvalidName) as error:
-            raise InvalidInput(str(error)) from None
+            raise InvalidInput(capped(str(error))) from None
         except manifest_file.ManifestError as error:
             raise InvalidInput(f"{len(error.problems)} problem(s) in the manifest:\n" + "\n".join(error.problems)) from None
         return cls(

@@ -7,9 +7,8 @@ import shutil
 import sys
 from pathlib import Path
 
-import slurm
-from runtime import make_removable
-from steps import process_alive
+from . import servers
+from .files import make_removable
 
 SHA_FOLDER = re.compile(r"[0-9a-f]{40}")
 
@@ -19,10 +18,7 @@ def in_use(folder):
     if not connection_file.exists():
         return False
     try:
-        connection = json.loads(connection_file.read_text())
-        if connection.get("slurm_job_id"):
-            return slurm.is_active(slurm.job_state(connection["slurm_job_id"])[0])
-        return process_alive(connection["pid"])
+        return servers.running(json.loads(connection_file.read_text()))
     except (ValueError, KeyError, OSError):
         return True  # unreadable: keep it rather than guess
 
@@ -62,13 +58,9 @@ def prune(results, keep, names=None, log=sys.stderr):
     return removed
 
 
-if "snakemake" in globals():
-    from steps import main
 
-    def prune_with_log():
-        with open(snakemake.log[0], "a") as log:
-            removed = prune(snakemake.params.results, snakemake.params.keep, snakemake.params.names, log=log)
-            print(f"prune: kept the newest {snakemake.params.keep} SIFs per name; removed {len(removed)} older commits", file=log)
-            print(f"prune: removed {len(removed)} older commits", file=sys.stderr)
-
-    main("prune", prune_with_log)
+def prune_with_log(results, keep, names, log_path):
+    with open(log_path, "a") as log:
+        removed = prune(results, keep, names, log=log)
+        print(f"prune: kept the newest {keep} SIFs per name; removed {len(removed)} older commits", file=log)
+    print(f"prune: removed {len(removed)} older commits", file=sys.stderr)

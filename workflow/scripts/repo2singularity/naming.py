@@ -8,7 +8,7 @@ import urllib.parse
 
 import escapism
 
-from repository import SCP_LIKE_PATTERN, has_control_characters, redact_url
+from .repository import SCP_LIKE_PATTERN, has_control_characters, redact_url
 
 NAME_LIMIT = 63
 HASH_LENGTH = 6

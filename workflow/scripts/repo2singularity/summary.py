@@ -5,15 +5,19 @@ import csv
 import time
 from pathlib import Path
 
-from steps import tail, write_json_atomic, write_text_atomic
+from .files import write_json_atomic, write_text_atomic
+from .shared_sifs import PULLED, PUSHED
+from .tools import tail
 
-# each step's output, in chain order: the first one missing names the step that failed
-STEP_OUTPUTS = (
-    ("clone_source", "source"),
-    ("build_image", "image.json"),
-    ("save_image", "image.tar"),
-    ("build_sif", "{name}.sif"),
-)
+def step_outputs(saved_image):
+    """Each step's output, in chain order: the first one missing names the step that failed.
+    `saved_image`: the file that stands for the saved image (the builder's saved_image_file)."""
+    return (
+        ("clone_source", "source"),
+        ("build_image", "image.json"),
+        ("save_image", saved_image),
+        ("build_sif", "{name}.sif"),
+    )
 
 
 def sif_path(results, name, sha):
@@ -32,8 +36,8 @@ def step_seconds(folder, since):
     return round(total, 1)
 
 
-def failed_step(folder, name):
-    for step, output in STEP_OUTPUTS:
+def failed_step(folder, name, saved_image):
+    for step, output in step_outputs(saved_image):
         if step == "save_image" and (folder / f"{name}.sif").exists():
             continue  # the saved image is temporary: gone once the SIF exists
         if not (folder / output.format(name=name)).exists():
@@ -41,20 +45,41 @@ def failed_step(folder, name):
     return None
 
 
-def image_rows(results, resolution, sifs_before, started):
+STATUSES = ("built", "built and pushed", "built (push failed)", "pulled", "up to date", "failed")
+
+
+def sif_status(folder, name, started, pushing):
+    """How a SIF that is here came to be this run: pulled, or built (and pushed, or not)."""
+    pulled = folder / PULLED.format(name=name)
+    if pulled.exists() and pulled.stat().st_mtime >= started:
+        return "pulled", None
+    if not pushing:
+        return "built", None
+    pushed = folder / PUSHED.format(name=name)
+    if pushed.exists() and pushed.stat().st_mtime >= started:
+        return "built and pushed", None
+    return "built (push failed)", (folder / "logs" / "push_sif.log").resolve()
+
+
+def image_rows(results, resolution, sifs_before, started, saved_image, pushing=False, from_registry=()):
+    """One row per image; `from_registry`: the names whose SIF was to be pulled this run."""
     rows = []
     for build in resolution.builds:
         folder = Path(results, build.name, build.sha)
         row = {"name": build.name, "repo": build.repository.display_url, "ref": build.resolved_ref, "sha": build.sha}
+        row["seconds"] = step_seconds(folder, started)
         if sif_path(results, build.name, build.sha).exists():
-            row["status"] = "up to date" if build.name in sifs_before else "built"
-            row["seconds"] = step_seconds(folder, started)
             row["sif_bytes"] = sif_path(results, build.name, build.sha).stat().st_size
+            if build.name in sifs_before:
+                row["status"] = "up to date"
+            else:
+                row["status"], push_log = sif_status(folder, build.name, started, pushing)
+                if push_log:
+                    row.update(log=str(push_log), error=tail(push_log, 5) or "(no log: not started)")
         else:
-            step = failed_step(folder, build.name) or "build_sif"
+            step = "pull_sif" if build.name in from_registry else failed_step(folder, build.name, saved_image) or "build_sif"
             log = (folder / "logs" / f"{step}.log").resolve()
             row.update(status="failed", step=step, log=str(log), error=tail(log, 5) or "(no log: not started)")
-            row["seconds"] = step_seconds(folder, started)
         rows.append(row)
     for name, error in sorted(resolution.failures.items()):
         rows.append({"name": name, "status": "failed", "step": "resolve", "error": error, "seconds": 0.0})
@@ -62,31 +87,39 @@ def image_rows(results, resolution, sifs_before, started):
 
 
 def markdown(rows, elapsed):
-    counts = {status: sum(row["status"] == status for row in rows) for status in ("built", "up to date", "failed")}
+    # built, up to date and failed always; the registry's statuses where there are any
+    always = ("built", "up to date", "failed")
+    counts = ", ".join(
+        f"{sum(row['status'] == status for row in rows)} {status}"
+        for status in STATUSES
+        if status in always or any(row["status"] == status for row in rows)
+    )
     lines = [
-        f"# repo2singularity run summary",
+        "# repo2singularity run summary",
         "",
-        f"{len(rows)} images: {counts['built']} built, {counts['up to date']} up to date, "
-        f"{counts['failed']} failed; {elapsed:.0f} s.",
+        f"{len(rows)} images: {counts or 'none'}; {elapsed:.0f} s.",
         "",
         "| name | status | commit | seconds | details |",
         "|---|---|---|---:|---|",
     ]
     for row in rows:
+        error = " ".join(row.get("error", "").split())[-300:].replace("|", "\\|")
         if row["status"] == "failed":
-            error = " ".join(row["error"].split())[-300:].replace("|", "\\|")
             details = f"{row['step']} failed: {error}" + (f" (log: `{row['log']}`)" if row.get("log") else "")
         else:
             details = f"{row['sif_bytes'] / 1e6:.0f} MB SIF"
+            if error:
+                details += f"; push failed: {error} (log: `{row['log']}`)"
         lines.append(f"| {row['name']} | {row['status']} | {row.get('sha', '')[:12]} | {row['seconds']} | {details} |")
     return "\n".join(lines) + "\n"
 
 
-def write_summary(results, resolution, sifs_before, started):
-    """Write results/summary.json and results/summary.md; return the number of failures."""
+def write_summary(results, resolution, sifs_before, started, saved_image, pushing=False, from_registry=()):
+    """Write results/summary.json and results/summary.md; return the number of images that failed
+    (a failed push counts: the run did not do what it was asked)."""
     elapsed = time.time() - started
-    rows = image_rows(results, resolution, sifs_before, started)
-    failed = sum(row["status"] == "failed" for row in rows)
+    rows = image_rows(results, resolution, sifs_before, started, saved_image, pushing, from_registry)
+    failed = sum(row["status"] in ("failed", "built (push failed)") for row in rows)
     write_json_atomic(Path(results, "summary.json"), {"images": rows, "failed": failed, "seconds": round(elapsed, 1)})
     write_text_atomic(Path(results, "summary.md"), markdown(rows, elapsed))
     return failed
@@ -116,17 +149,6 @@ def image_card(name, sha, receipt, sif, benchmarks):
     return f"<table>{cells}</table>\n"
 
 
-if "snakemake" in globals():
-    from steps import main
 
-    def write_card():
-        card = image_card(
-            snakemake.wildcards.name,
-            snakemake.wildcards.sha,
-            snakemake.input.receipt,
-            snakemake.input.sif,
-            snakemake.params.benchmarks,
-        )
-        write_text_atomic(snakemake.output.card, card)
-
-    main("describe_image", write_card)
+def write_card(name, sha, receipt, sif, benchmarks, card):
+    write_text_atomic(card, image_card(name, sha, receipt, sif, benchmarks))

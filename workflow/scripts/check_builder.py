@@ -1,0 +1,7 @@
+"""Rule check_builder: connect to the builder, check it, and say in one line what it has."""
+
+from repo2singularity import builders
+from repo2singularity.step import run_step
+from repo2singularity.tools import say
+
+run_step("check_builder", lambda: say(builders.from_config(snakemake.config, snakemake.log[0]).readiness()))

@@ -1,0 +1,6 @@
+"""Rule prune: keep the newest SIFs of each name, remove older commits' folders."""
+
+from repo2singularity.retention import prune_with_log
+from repo2singularity.step import run_step
+
+run_step("prune", lambda: prune_with_log(snakemake.params.results, snakemake.params.keep, snakemake.params.names, snakemake.log[0]))

@@ -1,0 +1,24 @@
+"""Rule pull_sif: an image the registry has for this commit, pulled instead of built."""
+
+from repo2singularity.registry import RegistrySettings
+from repo2singularity.results import mark_latest
+from repo2singularity.shared_sifs import pull
+from repo2singularity.step import run_step
+
+
+def pull_sif():
+    settings = RegistrySettings.from_config(snakemake.config)
+    pull(
+        settings,
+        snakemake.wildcards.name,
+        snakemake.wildcards.sha,
+        snakemake.output.sif,
+        snakemake.output.checksum,
+        snakemake.output.receipt,
+        snakemake.output.pulled,
+        snakemake.log[0],
+    )
+    mark_latest(snakemake.output.sif)
+
+
+run_step("pull_sif", pull_sif)

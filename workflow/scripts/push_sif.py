@@ -1,0 +1,19 @@
+"""Rule push_sif: a SIF built here, pushed to the registry with its provenance."""
+
+from repo2singularity.registry import RegistrySettings
+from repo2singularity.shared_sifs import push
+from repo2singularity.step import run_step
+
+run_step(
+    "push_sif",
+    lambda: push(
+        RegistrySettings.from_config(snakemake.config),
+        snakemake.wildcards.name,
+        snakemake.wildcards.sha,
+        snakemake.input.sif,
+        snakemake.input.checksum,
+        snakemake.input.receipt,
+        snakemake.output.pushed,
+        snakemake.log[0],
+    ),
+)

@@ -1,0 +1,46 @@
+"""The Builder interface: the host that builds the Docker image with repo2docker, saves it, and
+makes the SIF from it. One file per kind in this package; a kind registers itself by
+subclassing Builder, and its settings have their entry in workflow/schemas/config.schema.yaml
+(`builder`)."""
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+
+class InvalidBuilder(Exception):
+    """A builder setting that cannot work, told in one line."""
+
+
+class Builder(ABC):
+    kind: ClassVar[str]
+    # the chain's file target that stands for the saved image: the tarball itself, or a receipt
+    # naming it where it stays
+    saved_image_file: ClassVar[str] = "image.tar"
+    kinds: ClassVar[dict] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        Builder.kinds[cls.kind] = cls
+
+    def __init__(self, config, log=None):
+        """`config`: the workflow's validated configuration; `log`: the step's log file."""
+        self.config = config
+        self.log = log
+
+    @abstractmethod
+    def build_image(self, spec, source, receipt):
+        """repo2docker builds `spec` (an image.ImageSpec) from the `source` folder; image.json
+        (`receipt`) records the image."""
+
+    @abstractmethod
+    def save_image(self, name, sha, receipt, saved):
+        """The image `receipt` names, saved as a tarball; `saved` is the tarball, or the receipt
+        of one that stays on the builder."""
+
+    @abstractmethod
+    def build_sif(self, name, sha, saved, sif, checksum):
+        """The SIF from the saved image, here at `sif`, with its sha256 in `checksum`."""
+
+    @abstractmethod
+    def readiness(self):
+        """One line: what this builder has, or StepError saying what is wrong."""

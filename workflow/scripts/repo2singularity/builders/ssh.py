@@ -1,0 +1,447 @@
+"""`builder: {kind: ssh, host: ...}`: a host with Docker reached over SSH. The source goes there
+as a tar stream, repo2docker, docker save and the runtime run there, and only the finished SIF
+comes back. Artefacts that stay there are named in receipts here, and each step checks its
+input against its receipt first. The host needs a POSIX shell, coreutils, tar and flock; no
+Snakemake, no SFTP, no shared file system."""
+
+import json
+import posixpath
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import runtime
+from ..config_values import truthy
+from ..files import checksum_line, write_json_atomic, write_text_atomic
+from ..image import image_receipt, repo2docker_command
+from ..ssh_transport import SSHTarget, SSHTransport, expand_home, last_line, remote_command
+from ..step import StepError
+from .base import Builder, InvalidBuilder
+
+SLOT_WAIT_SECONDS = 2
+TOOLS = ("docker", "buildx", "repo2docker", "runtime", "flock")
+# what each step needs: a step checks its own tools, so a rerun that starts at a later step is
+# still checked first, and the cheap steps do not wait for repo2docker to start
+STEP_TOOLS = {"build_image": TOOLS, "save_image": ("docker",), "build_sif": ("runtime",)}
+
+
+@dataclass(frozen=True)
+class SSHBuilderSettings:
+    target: SSHTarget
+    workdir: str
+    runtime: str
+    repo2docker: str
+    max_builds: int
+    keep_images: int
+    min_free_gb: float
+
+    @classmethod
+    def from_config(cls, config):
+        """From the validated configuration's `builder` mapping (defaults filled in by the
+        schema); numbers may arrive as strings from `--config builder={...}`."""
+        values = config["builder"]
+        host = str(values.get("host") or "")
+        if not host or host.startswith("-") or any(c.isspace() for c in host):
+            raise InvalidBuilder(f"builder host is not a host name: {host!r}")
+        try:
+            port, max_builds, keep_images = (int(values[key]) for key in ("port", "max_builds", "keep_images"))
+            min_free_gb = float(values["min_free_gb"])
+        except (TypeError, ValueError) as error:
+            raise InvalidBuilder(f"builder setting is not a number: {error}") from None
+        if not 0 < port < 65536:
+            raise InvalidBuilder(f"builder port out of range: {port}")
+        if max_builds < 1:
+            raise InvalidBuilder(f"builder max_builds must be at least 1, not {max_builds}")
+        if keep_images < 1:
+            raise InvalidBuilder(f"builder keep_images must be at least 1 (the image just built), not {keep_images}")
+        target = SSHTarget(
+            host=host,
+            port=port,
+            user=str(values["user"]),
+            key_file=str(values["key_file"]),
+            known_hosts=str(values["known_hosts"]),
+            trust_unknown_host=truthy(values["trust_unknown_host"]),
+        )
+        return cls(
+            target=target,
+            workdir=str(values["workdir"]),
+            runtime=str(values["runtime"]),
+            repo2docker=str(values["repo2docker"]),
+            max_builds=max_builds,
+            keep_images=keep_images,
+            min_free_gb=min_free_gb,
+        )
+
+
+def remote_paths(workdir, name, sha):
+    folder = posixpath.join(workdir, name, sha)
+    return {
+        "folder": folder,
+        "source": posixpath.join(folder, "source"),
+        "tarball": posixpath.join(folder, "image.tar"),
+        "tarball_digest": posixpath.join(folder, "image.tar.found-sha256"),
+        "sif": posixpath.join(folder, f"{name}.sif"),
+        "checksum": posixpath.join(folder, f"{name}.sif.sha256"),
+        "build_slots": posixpath.join(workdir, ".build-slots"),
+    }
+
+
+def with_build_slot(command, slots_folder, max_builds):
+    """`command` run once it holds one of `max_builds` slots on the builder: a flock on
+    `{slots_folder}/{n}`, held by the shell and its children (fd 4) and released when they end,
+    however they end. The limit so holds across runs, and for everyone sharing the work folder."""
+    folder = shlex.quote(slots_folder)
+    return (
+        f"mkdir -p -- {folder} && waited= && while :; do "
+        f"for slot in $(seq 1 {int(max_builds)}); do exec 4>{folder}/\"$slot\" && flock -n 4 && break 2; done; "
+        f"[ -n \"$waited\" ] || echo \"waiting for a build slot on the builder (max_builds: {int(max_builds)}, all in use)\"; "
+        f"waited=1; sleep {SLOT_WAIT_SECONDS}; done && "
+        f"echo \"build slot $slot of {int(max_builds)}\" && {command}"
+    )
+
+
+def images_to_remove(listing, current_tag, keep):
+    """Older images of one name beyond the newest `keep` (the one just built counts among
+    them). `listing`: `docker image ls --format '{{.CreatedAt}}\t{{.Repository}}:{{.Tag}}'`
+    lines; CreatedAt is the same zone for all, so it sorts as text."""
+    images = sorted((line.split("\t", 1) for line in listing.splitlines() if "\t" in line), reverse=True)
+    tags = [tag for _, tag in images if tag != current_tag and not tag.endswith(":<none>")]
+    return tags[keep - 1 :]
+
+
+def checked_while(command, path, sha256, found_file):
+    """`command`, with `path`'s sha256 taken alongside it into `found_file`; succeeds only when
+    both did and the digest is `sha256`."""
+    found, expected = shlex.quote(found_file), shlex.quote(sha256)
+    return (
+        f"{{ sha256sum -- {shlex.quote(path)} >{found} 2>&1 & r2s_hasher=$!; }} && "
+        # a failed command still waits for the digest, which may be why it failed
+        f"{{ {{ {command}; }} || {{ wait \"$r2s_hasher\"; false; }}; }} && wait \"$r2s_hasher\" && "
+        f"read -r r2s_found _ <{found} && {{ [ \"$r2s_found\" = {expected} ] || {{ echo \"sha256 of {shlex.quote(path)[:200]}: $r2s_found, not {expected}\"; false; }}; }}"
+    )
+
+
+def check_tarball_receipt(receipt, found, receipt_path):
+    """`found`: {"size"} of the tarball on the builder, with its "sha256" once known, or None
+    when it is gone."""
+    rerun = f"rerun it with: snakemake --forcerun save_image (receipt {receipt_path})"
+    if found is None:
+        raise StepError(f"the saved image {receipt['path']} is gone from builder {receipt['host']}; {rerun}")
+    if found["size"] != receipt["size_bytes"] or found.get("sha256", receipt["sha256"]) != receipt["sha256"]:
+        raise StepError(f"the saved image {receipt['path']} on builder {receipt['host']} does not match its receipt; {rerun}")
+
+
+def check_image_receipt(receipt, found_id, host, receipt_path):
+    if found_id != receipt["image_id"]:
+        # a receipt written by a local build, or by another builder, names an image this one never had
+        where = (receipt.get("builder") or {}).get("host")
+        origin = "" if where == host else f" (built {f'on {where}' if where else 'locally'})"
+        raise StepError(
+            f"builder {host} does not have image {receipt['tag']} ({receipt['image_id'][:19]}) named in "
+            f"{receipt_path}{origin}; rebuild it with: snakemake --forcerun build_image"
+        )
+
+
+# ------------------------------------------------------------------ the preflight
+
+
+def parse_checks(output):
+    """The preflight script's output: {check: (exit status, text)}."""
+    found = {}
+    current = None
+    lines = []
+    for line in output.splitlines():
+        if line.startswith("@@check "):
+            current, lines = line.split(" ", 1)[1], []
+        elif line.startswith("@@rc ") and current:
+            found[current] = (int(line.split()[1]), "\n".join(lines).strip())
+            current = None
+        elif current:
+            lines.append(line)
+    return found
+
+
+def parse_df(text):
+    lines = text.splitlines()
+    try:
+        return int(lines[-1].split()[3])
+    except (IndexError, ValueError):
+        return None
+
+
+def preflight_problems(settings, workdir, checks, needs=TOOLS):
+    """One line per problem found by the preflight script; an empty list when all is well."""
+    problems = []
+    where = f"builder {settings.target.display}"
+    rc, text = checks.get("docker", (127, ""))
+    if "docker" not in needs:
+        pass
+    elif rc == 127 or "not found" in text and "docker" in text.split(":")[0]:
+        problems.append(f"{where}: docker is not installed (or not on the PATH of {settings.target.login}'s SSH sessions)")
+    elif rc != 0:
+        problems.append(f"{where}: the Docker engine does not answer `docker version`: {last_line(text)}")
+    elif "buildx" in needs:
+        rc, text = checks.get("buildx", (1, ""))
+        if rc != 0:
+            problems.append(f"{where}: docker buildx is missing (repo2docker needs it): {last_line(text)}")
+    rc, text = checks.get("repo2docker", (127, ""))
+    if "repo2docker" in needs and rc != 0:
+        problems.append(f"{where}: {settings.repo2docker} does not run: {last_line(text, 'not found')}")
+    rc, text = checks.get("runtime", (127, ""))
+    if "runtime" in needs and rc != 0:
+        problems.append(f"{where}: {settings.runtime} does not run: {last_line(text, 'not found')}")
+    rc, text = checks.get("flock", (127, ""))
+    if "flock" in needs and rc != 0:
+        problems.append(f"{where}: flock (util-linux) does not run, and max_builds needs it: {last_line(text, 'not found')}")
+    rc, text = checks.get("space", (1, ""))
+    free_kb = parse_df(text) if rc == 0 else None
+    if free_kb is None:
+        problems.append(f"{where}: cannot create or measure the work folder {workdir}: {last_line(text)}")
+    elif free_kb < settings.min_free_gb * 1e6:
+        problems.append(
+            f"{where}: only {free_kb / 1e6:.1f} GB free in {workdir} (min_free_gb: {settings.min_free_gb}); "
+            "free some space (docker image prune, old folders in the work folder)"
+        )
+    return problems
+
+
+def preflight_script(settings, workdir, needs=TOOLS):
+    """One shell line that runs the checks `needs` names at once (each tool's start-up, such as
+    repo2docker's Python, is paid in parallel) and prints them in order between markers."""
+    checks = [
+        ("docker", ["docker", "version", "--format", "{{.Server.Version}}"]),
+        ("buildx", ["docker", "buildx", "version"]),
+        ("repo2docker", [settings.repo2docker, "--version"]),
+        ("runtime", [settings.runtime, "version"]),
+        # which SIF compression the runtime can be told (runtime.choose_compression)
+        ("runtime_build_help", [settings.runtime, "build", "--help"]),
+        ("flock", ["flock", "--version"]),
+    ]
+    commands = [(name, shlex.join(command)) for name, command in checks if name.split("_")[0] in needs]
+    commands.append(("space", remote_command(["mkdir", "-p", "--", workdir], ["df", "-Pk", "--", workdir])))
+    started = " ".join(f'{{ {{ {command}; }} >"$r2s_checks/{name}" 2>&1; echo $? >"$r2s_checks/{name}.rc"; }} &' for name, command in commands)
+    names = " ".join(name for name, _ in commands)
+    return (
+        'r2s_checks=$(mktemp -d) || exit 1; '
+        f"{started} wait; "
+        f'for name in {names}; do printf \'@@check %s\\n\' "$name"; cat "$r2s_checks/$name"; '
+        'printf \'@@rc %s\\n\' "$(cat "$r2s_checks/$name.rc")"; done; rm -rf "$r2s_checks"'
+    )
+
+
+def readiness_line(settings, workdir, versions):
+    """What `check_builder` prints when the builder is ready."""
+    tools = ", ".join(f"{name} {versions[name]}" for name in TOOLS if name in versions)
+    return (
+        f"builder {settings.target.display} is ready: {tools}; {versions['free_gb']} GB free in {workdir}; "
+        f"max_builds {settings.max_builds}, keep_images {settings.keep_images}"
+    )
+
+
+class BuilderSession:
+    """One connection to the builder, checked for the tools a step needs: the transport, the
+    work folder there, and the versions the preflight found."""
+
+    def __init__(self, settings, log, needs):
+        self.settings = settings
+        self.needs = needs
+        self.transport = SSHTransport(settings.target, log)
+        self.workdir = settings.workdir
+        self.versions = {}
+
+    def __enter__(self):
+        self.transport.connect()
+        try:
+            if self.workdir.startswith("~"):
+                self.workdir = expand_home(self.workdir, self.transport.home())
+            self.versions = self.preflight()
+        except BaseException:
+            self.transport.close()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self.transport.close()
+
+    def paths(self, name, sha):
+        return remote_paths(self.workdir, name, sha)
+
+    def preflight(self):
+        """Raises StepError with one line per problem; the versions found go into the log."""
+        _, out, _ = self.transport.capture(preflight_script(self.settings, self.workdir, self.needs))
+        checks = parse_checks(out)
+        problems = preflight_problems(self.settings, self.workdir, checks, self.needs)
+        if problems:
+            self.transport.log("\n".join(problems))
+            raise StepError("\n".join(problems))
+        versions = {name: last_line(text) for name, (_, text) in checks.items() if name not in ("space", "runtime_build_help")}
+        versions["free_gb"] = round(parse_df(checks["space"][1]) / 1e6, 1)
+        if "runtime_build_help" in checks:
+            versions["mksquashfs_args"] = "--mksquashfs-args" in checks["runtime_build_help"][1]
+        self.transport.log("builder preflight: " + json.dumps(versions, sort_keys=True))
+        return versions
+
+    def run(self, command):
+        """A quick command there: (exit status, stdout, stderr)."""
+        return self.transport.capture(remote_command(command))
+
+    def docker_step(self, command, step):
+        """A Docker step there; if it fails because the engine there is gone, say so."""
+        try:
+            self.transport.run_logged(command, self.transport.log_path, step)
+        except StepError:
+            if self.run(["docker", "version"])[0] != 0:
+                raise StepError(
+                    f"{step} failed: the Docker engine on builder {self.settings.target.display} does not answer; "
+                    "start it there and run again"
+                ) from None
+            raise
+
+    def inspect(self, tag):
+        status, out, _ = self.run(["docker", "image", "inspect", tag])
+        return json.loads(out)[0] if status == 0 else None
+
+
+class SSHBuilder(Builder):
+    kind = "ssh"
+    # the saved image stays on the builder and a receipt names it here: the DAG keeps its
+    # shape, only the file that stands for the tarball changes
+    saved_image_file = "image.tar.receipt.json"
+
+    def __init__(self, config, log=None):
+        super().__init__(config, log)
+        self.settings = SSHBuilderSettings.from_config(config)
+        self.compression_setting = config["sif_compression"]
+
+    def session(self, step):
+        return BuilderSession(self.settings, self.log, STEP_TOOLS.get(step, TOOLS))
+
+    def build_image(self, spec, source, receipt):
+        """Send the clone to the builder, run repo2docker there with the same arguments as a
+        local build (once a build slot is free), and write the receipt here."""
+        with self.session("build_image") as builder:
+            paths = builder.paths(spec.name, spec.sha)
+            builder.transport.log(f"sending {source} to {paths['source']}")
+            builder.transport.send_folder(source, paths["source"])
+            command = remote_command(repo2docker_command(self.settings.repo2docker, paths["source"], spec))
+            builder.docker_step(with_build_slot(command, paths["build_slots"], self.settings.max_builds), "build_image (repo2docker)")
+            details = builder.inspect(spec.tag)
+            if details is None:
+                raise StepError(f"repo2docker finished but Docker on builder {self.settings.target.host} has no image {spec.tag}")
+            # the image holds everything now; the unpacked source is not needed on the builder
+            builder.run(["rm", "-rf", "--", paths["source"]])
+            self.remove_old_images(builder, spec.name, spec.tag)
+            found = image_receipt(details, spec.tag, spec.user_name, builder.versions["repo2docker"])
+            write_json_atomic(receipt, {**found, "builder": self.settings.target.describe()})
+
+    def remove_old_images(self, builder, name, tag):
+        """The builder keeps the newest `keep_images` images of this name. An image whose chain
+        is still under way there (another run's: its work folder exists until its SIF has been
+        fetched) stays, and so does one that cannot go (a container uses it); the log says so."""
+        keep = self.settings.keep_images
+        repository = tag.rsplit(":", 1)[0]
+        status, listing, _ = builder.run(["docker", "image", "ls", "--format", "{{.CreatedAt}}\t{{.Repository}}:{{.Tag}}", "--", repository])
+        old = images_to_remove(listing, tag, keep) if status == 0 else []
+        folders = {old_tag: builder.paths(name, old_tag.rsplit(":", 1)[1])["folder"] for old_tag in old}
+        under_way = builder.transport.existing(folders.values()) if folders else set()
+        if under_way:
+            builder.transport.log(f"kept on the builder, still being made into SIFs: {' '.join(t for t, f in folders.items() if f in under_way)}")
+        old = [old_tag for old_tag in old if folders[old_tag] not in under_way]
+        if old:
+            status, out, err = builder.run(["docker", "image", "rm", "--", *old])
+            builder.transport.log(f"removed older images of {repository} on the builder (keep_images: {keep}): {' '.join(old)}")
+            if status != 0:
+                builder.transport.log(f"  some stay: {last_line(err or out)}")
+
+    def save_image(self, name, sha, receipt, saved):
+        """docker save on the builder; the tarball stays there and a receipt names it here."""
+        image = json.loads(Path(receipt).read_text())
+        with self.session("save_image") as builder:
+            details = builder.inspect(image["tag"])
+            check_image_receipt(image, details and details["Id"], self.settings.target.host, receipt)
+            paths = builder.paths(name, sha)
+            partial = paths["tarball"] + ".partial"
+            builder.docker_step(
+                remote_command(
+                    ["mkdir", "-p", "--", paths["folder"]],
+                    ["docker", "save", "--output", partial, image["tag"]],
+                    ["mv", "-f", "--", partial, paths["tarball"]],
+                ),
+                "save_image (docker save)",
+            )
+            size = builder.transport.stat(paths["tarball"])
+            digest = builder.transport.sha256(paths["tarball"])
+            if size is None or digest is None:
+                raise StepError(f"docker save finished but builder {self.settings.target.host} has no {paths['tarball']}")
+            write_json_atomic(
+                saved,
+                {
+                    **self.settings.target.describe(),
+                    "path": paths["tarball"],
+                    "size_bytes": size,
+                    "sha256": digest,
+                    "tag": image["tag"],
+                    "image_id": image["image_id"],
+                },
+            )
+
+    def build_sif(self, name, sha, saved, sif, checksum):
+        """The runtime's build on the builder (the SIF is kept there until it is here, so a cut
+        download resumes without building again), then the SIF brought back, verified."""
+        tarball = json.loads(Path(saved).read_text())
+        with self.session("build_sif") as builder:
+            paths = builder.paths(name, sha)
+            digest = self.finished_sif(builder, paths)
+            if digest is None:
+                self.make_sif(builder, paths, tarball, saved)
+                digest = self.finished_sif(builder, paths)
+                if digest is None:
+                    raise StepError(f"the SIF built on builder {self.settings.target.host} has no checksum")
+            # the tarball is no longer needed once the SIF exists
+            builder.run(["rm", "-f", "--", tarball["path"]])
+            # the checksum comes last: it marks a finished SIF
+            builder.transport.download(paths["sif"], sif, digest, after_rename=lambda: write_text_atomic(checksum, checksum_line(digest, sif)))
+            # here and verified: nothing of this build is needed on the builder any more
+            builder.run(["rm", "-rf", "--", paths["folder"]])
+
+    def make_sif(self, builder, paths, tarball, saved):
+        size = builder.transport.stat(tarball["path"])
+        check_tarball_receipt(tarball, None if size is None else {"size": size}, saved)
+        compression = runtime.choose_compression(self.compression_setting, builder.versions["mksquashfs_args"])
+        partial = paths["sif"] + ".partial"
+        build = remote_command(["rm", "-f", "--", partial], runtime.sif_build_command(self.settings.runtime, compression, partial, tarball["path"]))
+        # the tarball's digest is checked while the SIF is built from it (hashing it first would
+        # cost the chain a full read), and the SIF takes its name only if it matched; the
+        # checksum file comes last, so that it marks a finished SIF
+        found_file = paths["tarball_digest"]
+        try:
+            builder.transport.run_logged(
+                checked_while(build, tarball["path"], tarball["sha256"], found_file)
+                + " && "
+                + remote_command(["mv", "-f", "--", partial, paths["sif"]])
+                + " && "
+                + remote_command(["sha256sum", "--", paths["sif"]])
+                + " > "
+                + remote_command([paths["checksum"] + ".partial"])
+                + " && "
+                + remote_command(["mv", "-f", "--", paths["checksum"] + ".partial", paths["checksum"]]),
+                self.log,
+                runtime.step_name(self.settings.runtime, compression, f" on {self.settings.target.host}"),
+            )
+        except StepError:
+            found = (builder.transport.read_text(found_file) or "").split()
+            if found and found[0] != tarball["sha256"]:
+                check_tarball_receipt(tarball, {"size": size, "sha256": found[0]}, saved)
+            raise
+
+    @staticmethod
+    def finished_sif(builder, paths):
+        """The sha256 of a SIF already built on the builder, or None."""
+        found = (builder.transport.read_text(paths["checksum"]) or "").split()
+        return found[0] if found else None
+
+    def readiness(self):
+        with self.session("check_builder") as builder:
+            line = readiness_line(self.settings, builder.workdir, builder.versions)
+            builder.transport.log(line)
+        return line

@@ -1,0 +1,73 @@
+"""The Launcher interface: where a Jupyter server runs, how to tell it still runs, how to stop
+it and how to say where it is. One file per place in this package (this machine, a Slurm job);
+a kind registers itself by subclassing Launcher and is chosen by the `launch_on` setting."""
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..jupyter import culling_arguments, server_command
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    """One server to start from a sandbox. `image` is the image's receipt (image.json)."""
+
+    runtime: str
+    sandbox: str
+    image: dict
+    connection_file: str
+    server_log: str
+    jupyter_command: tuple
+    timeout: int
+    writable: bool = True
+    idle_timeout: int = 0
+    log: str | None = None
+    runtime_args: tuple = ()
+    binds: tuple = ()
+
+    def server_command(self, env_file, port, runtime_args=()):
+        """The runtime's command for this server, with the idle shutdown asked for; `port` None
+        leaves address and port to the node (a Slurm job); `runtime_args` come first."""
+        return server_command(
+            self.runtime,
+            self.sandbox,
+            self.image,
+            env_file,
+            self.jupyter_command,
+            port,
+            self.writable,
+            runtime_args=[*runtime_args, *self.runtime_args],
+            jupyter_args=culling_arguments(self.jupyter_command, self.idle_timeout),
+            binds=self.binds,
+        )
+
+
+class Launcher(ABC):
+    kind: ClassVar[str]
+    kinds: ClassVar[dict] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        Launcher.kinds[cls.kind] = cls
+
+    def __init__(self, config=None):
+        """`config`: the workflow's validated configuration; only `launch` needs it."""
+        self.config = config or {}
+
+    @abstractmethod
+    def launch(self, request):
+        """Start the server and wait until it answers with its token; the connection record
+        (written to launch.json by the caller), with "launched_on" set to this kind."""
+
+    @abstractmethod
+    def running(self, connection):
+        """Whether the server a connection record names may still serve."""
+
+    @abstractmethod
+    def stop(self, connection):
+        """End that server; True if it was still running."""
+
+    @abstractmethod
+    def describe(self, connection):
+        """Where it runs, in a few words ("pid 12 on this machine", "Slurm job 7 on node1")."""

@@ -1,0 +1,67 @@
+"""The Apptainer/SingularityCE runtime: the compression a SIF is built with, the command that
+builds it from a saved image, and the writable sandbox unpacked from it."""
+
+import os
+import subprocess
+from pathlib import Path
+
+from .files import remove_tree, replace_folder, sha256_file, temporary_sibling
+from .step import StepError
+from .tools import run_logged
+
+# measured on the example image (TESTBED.md, bench/): zstd builds about 2x faster than gzip
+PREFERRED_COMPRESSION = "zstd"
+FALLBACK_COMPRESSION = "gzip"
+
+
+def supports_mksquashfs_args(runtime):
+    result = subprocess.run([runtime, "build", "--help"], capture_output=True, text=True)
+    return "--mksquashfs-args" in result.stdout + result.stderr
+
+
+def choose_compression(setting, mksquashfs_args_supported):
+    """The compression to ask for, or None for the runtime's own default (gzip)."""
+    if setting == "auto":
+        return PREFERRED_COMPRESSION if mksquashfs_args_supported else None
+    if setting == FALLBACK_COMPRESSION:
+        return None
+    if not mksquashfs_args_supported:
+        raise StepError(f"sif_compression={setting} needs a runtime with 'build --mksquashfs-args'")
+    return setting
+
+
+def compression_arguments(compression):
+    if compression is None:
+        return []
+    options = f"-comp {compression}"
+    if compression == "zstd":
+        options += " -Xcompression-level 3"
+    return ["--mksquashfs-args", options]
+
+
+def sif_build_command(runtime, compression, sif, tarball):
+    """`build` of a SIF from a `docker save` tarball."""
+    return [runtime, "build", *compression_arguments(compression), str(sif), f"docker-archive://{tarball}"]
+
+
+def step_name(runtime, compression, where=""):
+    return f"build_sif ({Path(runtime).name} build{where}, {compression or FALLBACK_COMPRESSION})"
+
+
+def check_sif(sif, checksum):
+    expected = Path(checksum).read_text().split()[0]
+    if sha256_file(sif) != expected:
+        raise StepError(f"{sif} does not match its checksum {checksum}; rebuild it with: snakemake --forcerun build_sif")
+
+
+def unpack_sandbox(runtime, sif, checksum, sandbox, log):
+    """A writable sandbox folder from the SIF, checked against its checksum first; an existing
+    sandbox is swapped for the new one in one step, so there is always one."""
+    check_sif(sif, checksum)
+    partial = temporary_sibling(sandbox)
+    try:
+        run_logged([runtime, "build", "--sandbox", str(partial), str(sif)], log, f"unpack_sandbox ({Path(runtime).name} build --sandbox)")
+        os.chmod(partial, 0o755)
+        replace_folder(partial, sandbox)
+    finally:
+        remove_tree(partial)

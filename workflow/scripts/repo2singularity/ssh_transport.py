@@ -1,0 +1,561 @@
+"""An SSH connection (paramiko) to another host: host keys checked, commands run with their
+output streamed into a log, folders sent as a tar stream, files brought back with progress,
+resume and a sha256 check, and a connection that dies in silence noticed by a keepalive. It
+knows nothing about images; builders/ssh.py uses it.
+
+Every remote command is an argument list joined with shlex.quote, never a string with user
+text pasted in. No password is ever asked for or stored: keys or the agent only."""
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import shlex
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .files import write_json_atomic
+from .step import StepError
+from .tools import report_progress, say, tail
+
+CONNECT_TIMEOUT_SECONDS = 15
+PROGRESS_SECONDS = 5
+# a connection whose network dies without a word (no FIN, no RST) would keep a step waiting for
+# hours, in any call that waits for the other side: every QUIET_SECONDS it is asked for a reply,
+# and a connection whose other side gives none within REPLY_SECONDS is closed, which ends every
+# wait on it (as ssh's ServerAliveInterval does)
+QUIET_SECONDS = 60
+REPLY_SECONDS = 30
+CHUNK = 1 << 20
+# a test aid and a way to share a thin link: cap the download rate (bytes per second)
+RATE_LIMIT_VARIABLE = "R2S_DOWNLOAD_LIMIT_BPS"
+
+
+@dataclass(frozen=True)
+class SSHTarget:
+    """Where to log in, and how the host is recognised."""
+
+    host: str
+    port: int
+    user: str
+    key_file: str
+    known_hosts: str
+    trust_unknown_host: bool
+
+    @property
+    def login(self):
+        import getpass
+
+        return self.user or getpass.getuser()
+
+    @property
+    def display(self):
+        return f"{self.login}@{self.host}:{self.port}"
+
+    def describe(self):
+        """What a receipt records about the host: where, never how to log in."""
+        return {"host": self.host, "port": self.port, "user": self.login}
+
+
+def remote_command(*commands):
+    """One shell line from argument lists, each argument quoted: user text is never code.
+    Several lists run one after the other, stopping at the first failure."""
+    return " && ".join(shlex.join(str(arg) for arg in command) for command in commands)
+
+
+def expand_home(path, home):
+    if path == "~":
+        return home
+    if path.startswith("~/"):
+        return posixpath.join(home, path[2:])
+    return path
+
+
+def last_line(text, default=""):
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else default
+
+
+def resume_offset(partial_size, partial_meta, remote_size, remote_sha256):
+    """Where to resume a download: the partial file's size when it belongs to the same remote
+    file (same digest and size) and is not longer than it, else 0 (start over)."""
+    if not partial_meta or partial_size <= 0:
+        return 0
+    if partial_meta.get("sha256") != remote_sha256 or partial_meta.get("size") != remote_size:
+        return 0
+    if partial_size > remote_size:
+        return 0
+    return partial_size
+
+
+def progress_line(name, done, total, started_bytes, elapsed, width=24):
+    """One progress line (a log is no terminal, so a line every few seconds, not a redrawn bar)."""
+    rate = (done - started_bytes) / elapsed if elapsed > 0 else 0.0
+    fraction = done / total if total else 1.0
+    bar = "#" * round(width * fraction) + "." * (width - round(width * fraction))
+    left = f", {(total - done) / rate:.0f} s left" if rate > 0 else ""
+    return f"  download {name} [{bar}] {100 * fraction:3.0f}%  {done / 1e6:.1f} of {total / 1e6:.1f} MB, {rate / 1e6:.1f} MB/s{left}"
+
+
+# ------------------------------------------------------------------ connecting
+
+
+class UnknownHostKey(Exception):
+    def __init__(self, fingerprint):
+        super().__init__(fingerprint)
+        self.fingerprint = fingerprint
+
+
+def fingerprint(key):
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return f"{key.get_name()} SHA256:{base64.b64encode(digest).decode().rstrip('=')}"
+
+
+def describe_connect_error(target, error):
+    import paramiko
+
+    where = f"builder {target.display}"
+    if isinstance(error, paramiko.BadHostKeyException):
+        return (
+            f"{where}: the host key CHANGED (known_hosts {target.known_hosts} has another key); "
+            "if the builder was reinstalled, remove its old line from known_hosts"
+        )
+    if isinstance(error, UnknownHostKey):
+        return (
+            f"{where}: unknown host key ({error.fingerprint}), not in {target.known_hosts}; "
+            "add it (ssh-keyscan, after checking the fingerprint) or set trust_unknown_host: true once"
+        )
+    if isinstance(error, paramiko.PasswordRequiredException):
+        return f"{where}: the key {target.key_file} has a passphrase; load it into ssh-agent and leave key_file empty"
+    if isinstance(error, paramiko.AuthenticationException):
+        how = f"key {target.key_file}" if target.key_file else "the agent's keys and ~/.ssh/id_*"
+        return f"{where}: the builder refused {how} for user {target.login}"
+    if isinstance(error, paramiko.SSHException) and "No authentication methods available" in str(error):
+        return (
+            f"{where}: no key to offer: key_file is empty, no ssh-agent answers (SSH_AUTH_SOCK) and there is "
+            "no ~/.ssh/id_*; set key_file or load a key into ssh-agent"
+        )
+    if isinstance(error, paramiko.ssh_exception.NoValidConnectionsError):
+        return f"{where}: connection refused (nothing listens on port {target.port}?)"
+    if isinstance(error, (socket.timeout, TimeoutError)):
+        return f"{where}: no answer within {CONNECT_TIMEOUT_SECONDS} s (no route, or a firewall)"
+    if isinstance(error, socket.gaierror):
+        return f"{where}: unknown host name ({error.strerror})"
+    if isinstance(error, OSError):
+        return f"{where}: cannot connect: {error.strerror or error}"
+    return f"{where}: SSH failed: {last_line(str(error), type(error).__name__)}"
+
+
+def host_key_policy(target, known_hosts):
+    import paramiko
+
+    class Policy(paramiko.MissingHostKeyPolicy):
+        def missing_host_key(self, client, hostname, key):
+            if not target.trust_unknown_host:
+                raise UnknownHostKey(fingerprint(key))
+            # trusted once, as ssh's accept-new: recorded, and checked from now on
+            client.get_host_keys().add(hostname, key.get_name(), key)
+            known_hosts.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with open(known_hosts, "a") as handle:
+                handle.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+            say(f"  builder {target.display}: trusted new host key {fingerprint(key)}")
+
+    return Policy()
+
+
+# measured on loopback (bench/remote.py): paramiko decrypts AES-GCM about 1.5x faster than its
+# default AES-CTR + HMAC; only the order of preference changes, so a server without GCM still works
+GCM_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+
+
+def prefer_gcm(sock, **kwargs):
+    import paramiko
+
+    transport = paramiko.Transport(sock, **kwargs)
+    options = transport.get_security_options()
+    options.ciphers = tuple(c for c in GCM_CIPHERS if c in options.ciphers) + tuple(c for c in options.ciphers if c not in GCM_CIPHERS)
+    return transport
+
+
+def quiet_paramiko(log_path):
+    """paramiko logs its own errors (with tracebacks) to stderr; keep them in the rule's log."""
+    logger = logging.getLogger("paramiko")
+    logger.propagate = False
+    logger.handlers.clear()
+    if log_path:
+        handler = logging.FileHandler(log_path)
+        handler.setFormatter(logging.Formatter("paramiko: %(message)s"))
+        handler.setLevel(logging.WARNING)
+        logger.addHandler(handler)
+    else:
+        logger.addHandler(logging.NullHandler())
+
+
+# ------------------------------------------------------------------ commands that end with the connection
+
+PGID_MARK = "@@r2s-pgid "
+
+
+def watched_command(command):
+    """`command` wrapped so that it ends with the SSH connection. sshd starts each command in a
+    session of its own, so the shell's pid names the process group: printed first, it lets a
+    cancelled step stop the group. A connection that drops (the step killed outright, the
+    network gone) closes the command's stdin, which a watcher reads (fd 3, since a background
+    job's own stdin is /dev/null) to stop the group then; without a pty, nothing else would."""
+    return (
+        f"printf '{PGID_MARK}%s\\n' \"$$\"; exec 3<&0 </dev/null; "
+        "{ while read -r _ <&3; do :; done; kill -TERM 0; } >/dev/null 2>&1 & watcher=$!; "
+        f"{{ {command}\n}}; status=$?; kill \"$watcher\" 2>/dev/null; exit \"$status\""
+    )
+
+
+def parse_pgid(line):
+    text = line.decode("ascii", "replace").strip()
+    if text.startswith(PGID_MARK.strip()):
+        number = text[len(PGID_MARK.strip()) :].strip()
+        return int(number) if number.isdigit() else None
+    return None
+
+
+class ConnectionGuard:
+    """Turn a connection lost midway (or any SSH failure) into one line instead of a traceback."""
+
+    def __init__(self, transport, doing):
+        self.transport = transport
+        self.doing = doing
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, trace):
+        import paramiko
+
+        if error is None or isinstance(error, (StepError, KeyboardInterrupt, SystemExit)):
+            return False
+        if isinstance(error, (paramiko.SSHException, EOFError, OSError)) and not isinstance(error, FileNotFoundError):
+            raise self.transport.lost(self.doing, last_line(str(error), type(error).__name__)) from None
+        return False
+
+
+class SSHTransport:
+    """One SSH connection; a context manager."""
+
+    def __init__(self, target, log_path=None):
+        self.target = target
+        self.log_path = log_path
+        self.client = None
+        self.silent = False
+        self.closing = threading.Event()
+
+    def __enter__(self):
+        if self.client is None:
+            self.connect()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def log(self, text):
+        if self.log_path:
+            with open(self.log_path, "a") as handle:
+                handle.write(text.rstrip("\n") + "\n")
+
+    def connect(self):
+        import paramiko
+
+        quiet_paramiko(self.log_path)
+        target = self.target
+        known_hosts = Path(os.path.expanduser(target.known_hosts))
+        client = paramiko.SSHClient()
+        try:
+            if known_hosts.exists():
+                client.load_host_keys(str(known_hosts))
+            client.set_missing_host_key_policy(host_key_policy(target, known_hosts))
+            client.connect(
+                target.host,
+                port=target.port,
+                username=target.login,
+                key_filename=os.path.expanduser(target.key_file) if target.key_file else None,
+                allow_agent=not target.key_file,
+                look_for_keys=not target.key_file,
+                timeout=CONNECT_TIMEOUT_SECONDS,
+                banner_timeout=CONNECT_TIMEOUT_SECONDS,
+                auth_timeout=CONNECT_TIMEOUT_SECONDS,
+                transport_factory=prefer_gcm,
+            )
+        except Exception as error:  # every way SSH can fail becomes one line
+            client.close()
+            raise StepError(describe_connect_error(target, error)) from None
+        self.client = client
+        self.log(f"connected to builder {target.display} ({client.get_transport().remote_cipher})")
+        threading.Thread(target=self.watch, args=(client.get_transport(),), daemon=True).start()
+        return self
+
+    def close(self):
+        self.closing.set()
+        if self.client:
+            self.client.close()
+            self.client = None
+
+    def watch(self, transport):
+        """Ask the other side for a reply every QUIET_SECONDS; close the connection when it gives
+        none within REPLY_SECONDS, so that no call waits on a dead network for good."""
+        while not self.closing.wait(QUIET_SECONDS) and transport.is_active():
+            if not self.answers(transport, REPLY_SECONDS) and not self.closing.is_set():
+                self.silent = True
+                self.log(f"builder {self.target.display} has not answered a keepalive for {REPLY_SECONDS} s: closing the connection")
+                transport.close()
+                return
+
+    @staticmethod
+    def answers(transport, within):
+        """Whether the other side answers a keepalive request within `within` seconds."""
+        answered = threading.Event()
+
+        def ask():
+            # OpenSSH refuses the unknown request, and the refusal is the answer
+            transport.global_request("keepalive@openssh.com", wait=True)
+            if transport.is_active():
+                answered.set()
+
+        threading.Thread(target=ask, daemon=True).start()
+        return answered.wait(within)
+
+    def lost(self, doing, detail=""):
+        """The one line for a connection that failed while `doing`."""
+        if self.silent:
+            return StepError(
+                f"{doing}: builder {self.target.display} has not answered a keepalive for {REPLY_SECONDS} s "
+                "(the network is gone?); run again"
+            )
+        return StepError(f"the connection to builder {self.target.display} failed while {doing}{f': {detail}' if detail else ''}; run again")
+
+    def guard(self, doing):
+        return ConnectionGuard(self, doing)
+
+    def home(self):
+        """The account's home folder on the other side."""
+        home = self.check_output("printf '%s\\n' \"$HOME\"", "resolving the home folder").strip()
+        if not home.startswith("/"):
+            raise StepError(f"builder {self.target.display}: the account has no home folder")
+        return home
+
+    def capture(self, command, timeout=120):
+        """Run a remote command line; (exit status, stdout, stderr) as text."""
+        with self.guard(f"running {command[:60]}"):
+            stdin, stdout, stderr = self.client.exec_command(command, timeout=timeout)
+            stdin.close()
+            out = stdout.read().decode("utf-8", "replace")
+            err = stderr.read().decode("utf-8", "replace")
+            return stdout.channel.recv_exit_status(), out, err
+
+    def check_output(self, command, what):
+        status, out, err = self.capture(command)
+        if status != 0:
+            raise StepError(f"builder {self.target.display}: {what} failed: {last_line(err or out, f'exit status {status}')}")
+        return out
+
+    def run_logged(self, command, log_path, step):
+        """Run a remote command line with its output streamed live into `log_path`, a heartbeat
+        on the terminal, and StepError naming the log when it fails."""
+        started = time.monotonic()
+        finished = report_progress(step, log_path, where=f" on {self.target.host}")
+        pgid = None
+        try:
+            with open(log_path, "ab") as log, self.guard(step):
+                log.write(f"$ [{self.target.display}] {command}\n".encode())
+                log.flush()
+                channel = self.client.get_transport().open_session()
+                channel.set_combine_stderr(True)
+                # stdin stays open and unused: the other side ends the command when it closes
+                channel.exec_command(watched_command(command))
+                pending = b""
+                while True:
+                    data = channel.recv(32768)
+                    if not data:
+                        break
+                    if pgid is None:
+                        pending += data
+                        if b"\n" not in pending:
+                            continue
+                        first, _, data = pending.partition(b"\n")
+                        pgid = parse_pgid(first)
+                        if pgid is None:  # not our mark after all: keep the line, stop nothing
+                            pgid, data = 0, first + b"\n" + data
+                    log.write(data)
+                    log.flush()
+                status = channel.recv_exit_status()
+        except BaseException:
+            # cancelled (SIGTERM becomes SystemExit) or the connection failed: stop the
+            # command on the other side too, so it does not run on for nobody
+            if pgid:
+                self.stop_remote(pgid)
+            raise
+        finally:
+            finished.set()
+        if status == -1:
+            raise self.lost(step, "the connection was lost")
+        if status != 0:
+            raise StepError(f"{step} failed on builder {self.target.host} (exit status {status}); see {log_path}:\n{tail(log_path)}")
+        say(f"  {step}: done on {self.target.host} in {time.monotonic() - started:.0f} s")
+
+    def stop_remote(self, pgid):
+        try:
+            self.client.exec_command(remote_command(["kill", "-TERM", "--", f"-{pgid}"]), timeout=10)[1].channel.recv_exit_status()
+        except Exception:  # the connection may be what failed; nothing more can be done
+            pass
+
+    def stat(self, path):
+        """Size of a remote file, or None when it does not exist (a shell is needed, not SFTP)."""
+        status, out, _ = self.capture(remote_command(["stat", "-L", "-c", "%s", "--", path]))
+        return int(out) if status == 0 and out.strip().isdigit() else None
+
+    def existing(self, paths):
+        """Those of `paths` that exist on the other side."""
+        paths = list(paths)
+        test = "; ".join(f"[ -e {shlex.quote(path)} ] && printf '%s\\n' {shlex.quote(path)}" for path in paths)
+        return set(self.capture(f"{test}; true")[1].splitlines()) & set(paths)
+
+    def sha256(self, path):
+        """The other side's own sha256sum of a file, or None when it does not exist."""
+        status, out, _ = self.capture(remote_command(["sha256sum", "--", path]), timeout=3600)
+        if status != 0:
+            return None
+        return out.split()[0]
+
+    def read_text(self, path):
+        """A small remote file's text, or None when it cannot be read."""
+        status, out, _ = self.capture(remote_command(["cat", "--", path]))
+        return out if status == 0 else None
+
+    def send_folder(self, folder, remote_folder):
+        """Put a copy of a local folder at `remote_folder` (replacing what is there): packed as a
+        tar stream straight into `tar -x` there, with no file on either side. A cut stream makes
+        tar fail, and the next run starts the folder over."""
+        import tarfile
+
+        doing = f"sending {folder}"
+        with self.guard(doing):
+            channel = self.client.get_transport().open_session()
+            channel.set_combine_stderr(True)
+            # stdin carries the tar stream, so no watcher: a dropped connection ends it for tar
+            channel.exec_command(
+                remote_command(["rm", "-rf", "--", remote_folder], ["mkdir", "-p", "--", remote_folder], ["tar", "-x", "-f", "-", "-C", remote_folder])
+            )
+            try:
+                with tarfile.open(fileobj=ChannelWriter(channel), mode="w|", format=tarfile.PAX_FORMAT) as archive:
+                    archive.add(str(folder), arcname=".")
+                channel.shutdown_write()
+            except OSError:
+                if not channel.exit_status_ready():
+                    raise
+                # tar there stopped reading (disk full, say): its own words follow
+            output = b""
+            while data := channel.recv(32768):
+                output += data[: 65536 - len(output)]
+            status = channel.recv_exit_status()
+        output = output.decode("utf-8", "replace")
+        if status == -1:
+            raise self.lost(doing, "the connection was lost")
+        if status != 0:
+            raise StepError(f"builder {self.target.display}: unpacking the source in {remote_folder} failed: {last_line(output, f'exit status {status}')}")
+
+    def download(self, remote_path, local_path, remote_sha256, after_rename=None):
+        """Bring a remote file to `local_path`: into a dot-partial file beside it, resumed from
+        that file when an earlier transfer was cut, checked against the other side's sha256,
+        then renamed into place."""
+        local_path = Path(local_path)
+        partial = local_path.with_name(f".{local_path.name}.partial")
+        meta_path = partial.with_name(partial.name + ".json")
+        size = self.stat(remote_path)
+        if size is None:
+            raise StepError(f"builder {self.target.host} has no {remote_path}")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            meta = None
+        offset = resume_offset(partial.stat().st_size if partial.exists() else 0, meta, size, remote_sha256)
+        digest = hashlib.sha256()
+        if offset:
+            with open(partial, "rb") as handle:
+                while chunk := handle.read(4 << 20):
+                    digest.update(chunk)
+            message = f"  download {local_path.name}: resuming at {offset / 1e6:.1f} of {size / 1e6:.1f} MB from {partial.name}"
+        else:
+            partial.unlink(missing_ok=True)
+            message = f"  download {local_path.name}: {size / 1e6:.1f} MB from {self.target.host}"
+        say(message)
+        self.log(message)
+        write_json_atomic(meta_path, {"sha256": remote_sha256, "size": size, "remote": remote_path, "host": self.target.host})
+        limit = float(os.environ.get(RATE_LIMIT_VARIABLE) or 0)
+        started = time.monotonic()
+        last_report = started
+        done = offset
+        with self.guard(f"downloading {remote_path}"):
+            # a plain stream on an exec channel, not SFTP: SFTP's request per 32 KB costs paramiko
+            # half its throughput (bench/remote.py); `tail -c +N` seeks, so resuming reads no more
+            channel = self.client.get_transport().open_session()
+            channel.exec_command(remote_command(["tail", "-c", f"+{offset + 1}", "--", remote_path]))
+            channel.shutdown_write()
+            with open(partial, "r+b" if offset else "wb") as target:
+                target.seek(offset)
+                while True:
+                    chunk = channel.recv(CHUNK)
+                    if not chunk:
+                        break
+                    target.write(chunk)
+                    digest.update(chunk)
+                    done += len(chunk)
+                    now = time.monotonic()
+                    if limit:
+                        # sleep to stay under the rate, measured from the start of this transfer
+                        ahead = (done - offset) / limit - (now - started)
+                        if ahead > 0:
+                            target.flush()
+                            time.sleep(ahead)
+                            now = time.monotonic()
+                    if now - last_report >= PROGRESS_SECONDS:
+                        target.flush()
+                        line = progress_line(local_path.name, done, size, offset, now - started)
+                        say(line)
+                        self.log(line)
+                        last_report = now
+                target.flush()
+                os.fsync(target.fileno())
+            status = channel.recv_exit_status()
+            error = channel.recv_stderr(4096).decode("utf-8", "replace")
+        if status == -1:  # the channel closed without an exit status: the connection is gone
+            raise self.lost(f"downloading {remote_path}", f"at {done / 1e6:.1f} of {size / 1e6:.1f} MB (a rerun resumes)")
+        if status != 0:
+            raise StepError(f"builder {self.target.host} could not send {remote_path}: {last_line(error, f'exit status {status}')}")
+        if done != size:
+            raise StepError(f"download of {remote_path} ended at {done} of {size} bytes; run again to resume")
+        if digest.hexdigest() != remote_sha256:
+            partial.unlink(missing_ok=True)
+            meta_path.unlink(missing_ok=True)
+            raise StepError(f"the downloaded {local_path.name} does not match the builder's sha256; run again to fetch it anew")
+        os.chmod(partial, 0o644)
+        os.replace(partial, local_path)
+        meta_path.unlink(missing_ok=True)
+        if after_rename:
+            after_rename()
+        elapsed = time.monotonic() - started
+        line = f"  download {local_path.name}: done, {(size - offset) / 1e6:.1f} MB in {elapsed:.1f} s, sha256 verified"
+        say(line)
+        self.log(line)
+
+
+class ChannelWriter:
+    """The write end of an exec channel as a file, for tarfile's stream mode."""
+
+    def __init__(self, channel):
+        self.channel = channel
+
+    def write(self, data):
+        self.channel.sendall(data)
+        return len(data)
