@@ -26,7 +26,6 @@ REPO2DOCKER_VENV=/opt/repo2singularity/repo2docker
 REPO2DOCKER_LINK=/usr/local/bin/repo2docker
 # the PATH sshd gives an account's sessions on Debian: a tool the builder runs must be found here
 SSH_SESSION_PATH=/usr/local/bin:/usr/bin:/bin
-APPTAINER_GROUP=r2s-apptainer
 SSH_PORT=22
 SSHD_LOG=/var/log/sshd.log
 SSHD_WAIT=20
