@@ -3,6 +3,9 @@
 #   bash setup.sh example   build the bundled example, launch Jupyter from it, print how to connect
 #   bash setup.sh test      run the test suite
 #   bash setup.sh check     say what is missing, change nothing
+# Or set up one host of a split installation:
+#   bash setup.sh builder ACCOUNT [--authorize PUBKEY_FILE]   (root) a remote builder for ACCOUNT
+#   bash setup.sh login [remote|slurm|local]   (the workflow's user) a login node: no root, no Docker
 # Run as root, the system is provisioned and the workflow then runs as the unprivileged account
 # $R2S_USER (default r2s, in the docker group): Apptainer does not run as root on every host,
 # and on HPC it never does. Run as any other user, nothing is installed system-wide: the script
@@ -15,8 +18,16 @@ account=${R2S_USER:-r2s}
 
 case "$action" in
     example | test | check) ;;
+    builder)
+        shift
+        exec bash setup/builder.sh "$@"
+        ;;
+    login)
+        shift
+        exec bash setup/login.sh "$@"
+        ;;
     *)
-        echo "usage: bash setup.sh [example|test|check]" >&2
+        echo "usage: bash setup.sh [example|test|check] | builder ACCOUNT [--authorize PUBKEY_FILE] | login [remote|slurm|local]" >&2
         exit 2
         ;;
 esac
@@ -58,10 +69,14 @@ if [ "$(id -u)" -eq 0 ]; then
             mount -t tmpfs -o size=600m,mode=0755 r2s-small "$small"
         fi
         chown "$account:" "$small"
-        # the remote-builder tests run an sshd of their own as the account (tests/test_remote.py)
-        [ -x /usr/sbin/sshd ] || install_without_starting openssh-server
+        # the remote-builder tests run an sshd of their own as the account (tests/test_remote.py), and
+        # the three-host suite (tests/hosts, run as root below) makes a namespace a builder with
+        # `setup.sh builder`, which finds here what it would install (the namespace has no network)
+        bash setup/builder.sh provision
         # the registry tests run Debian's registry of their own on loopback (tests/test_registry.py)
         [ -x /usr/bin/docker-registry ] || install_without_starting docker-registry
+        # tests/hosts opens the notebook list in a real browser
+        [ -x /usr/bin/chromium ] || install_without_starting chromium
     fi
     # the account needs a python it can run: root's own may live under /root
     if ! runuser -u "$account" -- env -i PATH=/usr/local/bin:/usr/bin:/bin python3 -c 'import ensurepip, venv' 2>/dev/null; then
@@ -95,8 +110,16 @@ if [ "$(id -u)" -eq 0 ]; then
         as_account .venv/bin/snakemake --cores 2
         echo "(the server runs as $account; stop it with: runuser -u $account -- bash -c 'cd $workspace && .venv/bin/snakemake --cores 1 stop')"
     else
+        # pytest.ini leaves out tests/hosts, which runs as root (it makes network namespaces and
+        # acts as each host's accounts itself), beside the account's run: it mostly waits (on
+        # Slurm, idle culling, keepalives), so the two together take little longer than one
+        hosts_log=$(mktemp /tmp/r2s-tests-hosts.XXXXXX)
+        (cd "$workspace" && PYTHONDONTWRITEBYTECODE=1 exec .venv/bin/python -m pytest -p no:cacheprovider tests/hosts) >"$hosts_log" 2>&1 &
+        hosts=$!
+        started=$SECONDS
         status=0
         as_account .venv/bin/python -m pytest -p no:cacheprovider tests || status=$?
+        echo "tests/ (as $account) took $((SECONDS - started)) s"
         # the Debian 12 sudo rule, checked as root with throw-away accounts (tests/root); a
         # native Apptainer (Debian 13, HPC) has no such rule to check
         if grep -qs 'Installed by repo2singularity' /usr/local/bin/apptainer; then
@@ -104,6 +127,9 @@ if [ "$(id -u)" -eq 0 ]; then
         else
             echo "tests/root: not run (apptainer is installed natively, without the Debian 12 sudo rule)"
         fi
+        wait "$hosts" || status=$?
+        echo "---- tests/hosts, as root, beside the runs above (its log: $hosts_log), ended after $((SECONDS - started)) s:"
+        cat "$hosts_log"
         exit "$status"
     fi
 else
