@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -66,11 +67,26 @@ def started(command, **popen):
     is still its parent's)."""
     import time
 
-    import psutil
-
     process = subprocess.Popen(command, **popen)
     deadline = time.monotonic() + 10
     while psutil.Process(process.pid).cmdline() != list(command):
         assert time.monotonic() < deadline, f"{command} did not start"
         time.sleep(0.01)
     return process
+
+
+def processes_running(text):
+    """Pids of the processes on this machine whose command line, as `ps` shows it, contains `text`
+    (every account's: a secret on a command line is visible to all)."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if text in " ".join(process.info["cmdline"] or ()):
+            found.append(process.pid)
+    return found
+
+
+def files_holding(text, *folders):
+    """The files under `folders` that hold `text` (grep: 0 found, 1 none, anything else fails)."""
+    result = subprocess.run(["grep", "-rl", "--binary-files=text", "--", text, *map(str, folders)], capture_output=True, text=True)
+    assert result.returncode in (0, 1), f"grep failed ({result.returncode}): {result.stderr}"
+    return result.stdout
