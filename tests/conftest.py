@@ -85,8 +85,28 @@ def processes_running(text):
     return found
 
 
-def files_holding(text, *folders):
-    """The files under `folders` that hold `text` (grep: 0 found, 1 none, anything else fails)."""
-    result = subprocess.run(["grep", "-rl", "--binary-files=text", "--", text, *map(str, folders)], capture_output=True, text=True)
+def files_holding(text, *folders, skip=()):
+    """The files under `folders` that hold `text` (grep: 0 found, 1 none, anything else fails);
+    `skip`: names (globs) of files and folders not to look into, e.g. a sandbox."""
+    options = [f"--exclude{kind}={name}" for name in skip for kind in ("", "-dir")]
+    result = subprocess.run(["grep", "-rl", "--binary-files=text", *options, "--", text, *map(str, folders)], capture_output=True, text=True)
     assert result.returncode in (0, 1), f"grep failed ({result.returncode}): {result.stderr}"
     return result.stdout
+
+
+def process_tree(pid):
+    """A process and all its descendants, as psutil sees them now."""
+    server = psutil.Process(pid)
+    return [server, *server.children(recursive=True)]
+
+
+def still_running(processes):
+    """Those of `processes` that still run (a zombie, or a pid now taken by another process, counts as ended)."""
+    running = []
+    for process in processes:
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                running.append(process)
+        except psutil.NoSuchProcess:
+            pass
+    return running
