@@ -50,13 +50,22 @@ def config_for(repo):
     return {"repo": repo.path, "ref": "main", "name": "faults"}
 
 
+def runtime_scratch(workdir):
+    """The runtime's temporary folder for the runs of one test (APPTAINER_TMPDIR), so that what
+    a killed run leaves there is seen."""
+    scratch = workdir.parent / f"{workdir.name}-apptainer-tmp"
+    scratch.mkdir(exist_ok=True)
+    return scratch
+
+
 def start(workdir, repo, target="sandbox"):
     """The workflow started as a user would, its output in a file beside the working folder (a
     pipe nobody reads would stall it)."""
     command = [SNAKEMAKE, "--snakefile", str(PROJECT / "Snakefile"), "--directory", str(workdir), "--cores", "2", target]
     command += ["--config", f"repo={repo.path}", "ref=main", "name=faults"]
     output = open(workdir.parent / f"{workdir.name}-{target}.log", "w+")
-    return subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, text=True, start_new_session=True), output
+    env = {**os.environ, "APPTAINER_TMPDIR": str(runtime_scratch(workdir))}
+    return subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env), output
 
 
 def output_of(output):
@@ -127,8 +136,8 @@ def tool_at_work(step, run, folder, marker):
         # apptainer squashes the image's root file system, unpacked in its temporary folder
         return [process for process in named(processes, "mksquashfs") if has_content(argument(process, 1))]
     elif step == "unpack_sandbox":
-        # apptainer unpacks the SIF into its temporary folder beside the sandbox
-        if any(has_content(rootfs) for rootfs in folder.glob("build-temp-*/rootfs")):
+        # apptainer unpacks the SIF into its temporary folder beside the (partial) sandbox
+        if any(has_content(rootfs) for pattern in ("build-temp-*/rootfs", "*/build-temp-*/rootfs") for rootfs in folder.glob(pattern)):
             return named(processes, "unsquashfs")
     return []
 
@@ -136,6 +145,10 @@ def tool_at_work(step, run, folder, marker):
 def leftovers(folder):
     """Partial outputs of the workflow, and the runtime's temporary folders beside them."""
     return [p.name for p in folder.iterdir() if ".partial" in p.name or p.name.startswith("build-temp-")] if folder.exists() else []
+
+
+def left_behind(workdir, folder):
+    return leftovers(folder) + [p.name for p in runtime_scratch(workdir).iterdir()]
 
 
 @pytest.mark.parametrize("killed", STEPS)
@@ -154,15 +167,16 @@ def test_killed_during_each_step_resumes_without_redoing_earlier_steps(tmp_path,
         time.sleep(0.005)
     workflow = run_processes(run)
     os.kill(run.pid, signal.SIGKILL)
+    print(f"killed during {killed}, with at work: {[argument(process, slice(0, 3)) for process in tool]}")
     run.wait()
 
     index = STEPS.index(killed)
     earlier = {step: folder / OUTPUTS[step] for step in STEPS[:index] if step != "save_image"}
     before = {step: path.stat().st_mtime_ns for step, path in earlier.items()}
     deadline = time.monotonic() + 60
-    while leftovers(folder) or still_running(tool + workflow):
+    while left_behind(tmp_path, folder) or still_running(tool + workflow):
         assert time.monotonic() < deadline, (
-            f"after a kill during {killed}: partial files {leftovers(folder)}, still running "
+            f"after a kill during {killed}: partial files {left_behind(tmp_path, folder)}, still running "
             f"{[process.cmdline() for process in still_running(tool + workflow)]}"
         )
         time.sleep(0.5)
