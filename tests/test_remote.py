@@ -385,13 +385,20 @@ def test_second_run_makes_no_ssh_connection(lab, remote_build):
 
 @pytest.mark.integration
 def test_cut_download_resumes_and_verifies(lab, remote_build):
-    workdir, configfile, *_ = remote_build
-    first_tag = json.loads((folder_of(workdir, lab["repo"].head()) / "image.json").read_text())["tag"]
-    sha = lab["repo"].commit("second", {"notes.md": "a second commit\n"})
+    workdir, configfile, first_sha, *_ = remote_build
+    first_tag = json.loads((folder_of(workdir, first_sha) / "image.json").read_text())["tag"]
+    # a second commit on a branch of its own: main stays where the other tests, in any order, expect it
+    repo = lab["repo"]
+    repo.git("checkout", "--quiet", "-b", "cut-download")
+    try:
+        sha = repo.commit("second", {"notes.md": "a second commit\n"})
+    finally:
+        repo.git("checkout", "--quiet", "main")
+    config = {**run_config(lab), "ref": "cut-download"}
     folder = folder_of(workdir, sha)
     partial = folder / f".{NAME}.sif.partial"
     command = [SNAKEMAKE, "--snakefile", str(PROJECT / "Snakefile"), "--directory", str(workdir), "--cores", "2", "build",
-               "--configfile", str(configfile), "--config", f"repo={lab['repo'].path}", "ref=main", f"name={NAME}"]
+               "--configfile", str(configfile), "--config", f"repo={repo.path}", "ref=cut-download", f"name={NAME}"]
     # slow enough to be cut midway on loopback
     env = {**os.environ, ssh_transport.RATE_LIMIT_VARIABLE: str(4_000_000)}
     run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -409,8 +416,8 @@ def test_cut_download_resumes_and_verifies(lab, remote_build):
     assert 0 < cut_at
     assert not (folder / f"{NAME}.sif").exists() and not (folder / f"{NAME}.sif.sha256").exists()
 
-    snakemake(workdir, "--unlock", "--configfile", configfile, config=run_config(lab))
-    resumed = snakemake(workdir, "build", "--configfile", configfile, config=run_config(lab))
+    snakemake(workdir, "--unlock", "--configfile", configfile, config=config)
+    resumed = snakemake(workdir, "build", "--configfile", configfile, config=config)
     assert "rule build_image" not in resumed.stderr and "rule save_image" not in resumed.stderr
     log = (folder / "logs" / "build_sif.log").read_text()
     resumed_at = float(log.split("resuming at ")[1].split()[0])
