@@ -106,39 +106,39 @@ def argument(process, index):
         return None
 
 
+def size_of(path):
+    """0 for a file that is gone (the step renamed it into place meanwhile)."""
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
+
+
 def bytes_under(folder):
-    total = 0
-    for root, _, files in os.walk(folder):
-        for name in files:
-            try:
-                total += os.stat(os.path.join(root, name)).st_size
-            except FileNotFoundError:
-                pass
-    return total
+    return sum(size_of(os.path.join(root, name)) for root, _, files in os.walk(folder) for name in files)
 
 
 def tool_at_work(step, run, folder, marker):
     """The processes of `step`'s tool when it is in the middle of its work (running, its output
     under way), else []."""
-    processes = run_processes(run)
     if step == "clone_source":
         # git runs, and the partial clone already holds more of the fetched data than `git init` writes
         if bytes_under(folder / "source.partial" / ".git" / "objects") > 1 << 20:
-            return named(processes, "git")
+            return named(run_processes(run), "git")
     elif step == "build_image":
         # the Dockerfile's RUN step (a sleep with a number of this case's own) runs in the builder
         return [psutil.Process(pid) for pid in processes_running(f"sleep {marker}")]
     elif step == "save_image":
         # the image streams from the engine into the partial tarball
-        if any(path.stat().st_size > 0 for path in folder.glob(".image.tar.*.partial*")):
-            return processes
+        if any(size_of(path) > 0 for path in folder.glob(".image.tar.*.partial*")):
+            return run_processes(run)
     elif step == "build_sif":
         # apptainer squashes the image's root file system, unpacked in its temporary folder
-        return [process for process in named(processes, "mksquashfs") if has_content(argument(process, 1))]
+        return [process for process in named(run_processes(run), "mksquashfs") if has_content(argument(process, 1))]
     elif step == "unpack_sandbox":
         # apptainer unpacks the SIF into its temporary folder beside the (partial) sandbox
         if any(has_content(rootfs) for pattern in ("build-temp-*/rootfs", "*/build-temp-*/rootfs") for rootfs in folder.glob(pattern)):
-            return named(processes, "unsquashfs")
+            return named(run_processes(run), "unsquashfs")
     return []
 
 
