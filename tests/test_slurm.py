@@ -27,7 +27,7 @@ from repo2singularity.launchers import slurm as slurm_launcher
 from repo2singularity.launchers.slurm import own_addresses, reachable_address, ssh_tunnel
 from repo2singularity.processes import ProcessIdentity
 from repo2singularity.step import StepError
-from workflow_runner import last_line, snakemake
+from workflow_runner import snakemake
 
 PROFILE = str(PROJECT / "profiles" / "slurm")
 PARTITION = "debug"
