@@ -96,8 +96,8 @@ def files_holding(text, *folders, skip=()):
 
 def process_tree(pid):
     """A process and all its descendants, as psutil sees them now."""
-    server = psutil.Process(pid)
-    return [server, *server.children(recursive=True)]
+    process = psutil.Process(pid)
+    return [process, *process.children(recursive=True)]
 
 
 def still_running(processes):
