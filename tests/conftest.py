@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -66,8 +67,6 @@ def started(command, **popen):
     is still its parent's)."""
     import time
 
-    import psutil
-
     process = subprocess.Popen(command, **popen)
     deadline = time.monotonic() + 10
     while psutil.Process(process.pid).cmdline() != list(command):
@@ -84,3 +83,40 @@ def sif_compression(sif, runtime="apptainer"):
     offset = next(int(line.split("|")[3].split("-")[0]) for line in listing.splitlines() if "Squashfs" in line)
     info = subprocess.run(["unsquashfs", "-s", "-o", str(offset), str(sif)], capture_output=True, text=True, check=True).stdout
     return re.search(r"^Compression (\w+)", info, re.MULTILINE)[1]
+
+
+def processes_running(text):
+    """Pids of the processes on this machine whose command line, as `ps` shows it, contains `text`
+    (every account's: a secret on a command line is visible to all)."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if text in " ".join(process.info["cmdline"] or ()):
+            found.append(process.pid)
+    return found
+
+
+def files_holding(text, *folders, skip=()):
+    """The files under `folders` that hold `text` (grep: 0 found, 1 none, anything else fails);
+    `skip`: names (globs) of files and folders not to look into, e.g. a sandbox."""
+    options = [f"--exclude{kind}={name}" for name in skip for kind in ("", "-dir")]
+    result = subprocess.run(["grep", "-rl", "--binary-files=text", *options, "--", text, *map(str, folders)], capture_output=True, text=True)
+    assert result.returncode in (0, 1), f"grep failed ({result.returncode}): {result.stderr}"
+    return result.stdout
+
+
+def process_tree(pid):
+    """A process and all its descendants, as psutil sees them now."""
+    process = psutil.Process(pid)
+    return [process, *process.children(recursive=True)]
+
+
+def still_running(processes):
+    """Those of `processes` that still run (a zombie, or a pid now taken by another process, counts as ended)."""
+    running = []
+    for process in processes:
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                running.append(process)
+        except psutil.NoSuchProcess:
+            pass
+    return running

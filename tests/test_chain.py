@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 
-from conftest import PROJECT, sif_compression
+from conftest import PROJECT, files_holding, processes_running, process_tree, sif_compression, still_running
 from jupyter_client import api, execute
 from repo2singularity.processes import alive
 from workflow_runner import snakemake
@@ -128,6 +129,31 @@ def test_kernel_runs_code_in_the_repository_after_the_start_script(launched):
     assert "hello.ipynb" in {item["name"] for item in listing["content"]}
 
 
+def current_connection(workdir, sha):
+    """The server that runs now (a later test may have replaced the fixture's)."""
+    return json.loads((result_dir(workdir, sha) / "launch.json").read_text())
+
+
+def test_the_token_is_on_no_command_line_and_in_no_log(launched):
+    """The token the server really uses (it answers to it) is in what `ps` shows no account,
+    and in no file of the run but the owner-only launch records."""
+    _, workdir, sha, *_ = launched
+    folder = result_dir(workdir, sha)
+    connection = current_connection(workdir, sha)
+    token = connection["token"]
+    assert api(connection["url"], "api/status", token).status_code == 200
+    command_lines = [" ".join(process.cmdline()) for process in process_tree(connection["pid"])]
+    # these are the server's processes: Jupyter on the recorded port among them
+    assert any("jupyter" in line and f"--port={connection['port']}" in line for line in command_lines), command_lines
+    assert not any(token in line for line in command_lines)
+    assert not processes_running(token), "the token is on a command line that ps shows"
+    # every log and record of the run (the sandbox only holds Jupyter's own owner-only runtime files)
+    assert Path(connection["log"]).stat().st_size > 0 and (folder / "logs" / "launch_jupyter.log").stat().st_size > 0
+    holding = set(files_holding(token, workdir, skip=["sandbox", "*.sif"]).split())
+    assert holding == {str(folder / "launch.json"), str(folder / ".launch.record.json")}, holding
+    assert not (folder / ".jupyter.env").exists()
+
+
 def test_second_run_has_nothing_to_do(launched):
     repo, workdir, *_ = launched
     result = snakemake(workdir, "-n", config=config_for(repo))
@@ -148,14 +174,19 @@ def test_a_manifest_rows_runtime_options_reach_the_server(launched, tmp_path):
 
 
 def test_stop_ends_the_server(launched):
-    repo, workdir, sha, connection, _ = launched
+    repo, workdir, sha, *_ = launched
+    connection = current_connection(workdir, sha)
+    server = process_tree(connection["pid"])
+    assert api(connection["url"], "api/status", connection["token"]).status_code == 200
     snakemake(workdir, "stop", config=config_for(repo))
     folder = result_dir(workdir, sha)
     assert not (folder / "launch.json").exists()
     assert json.loads((folder / "launch.ended.json").read_text())["ended"]
-    with pytest.raises(Exception):
+    # nothing listens on its port any more, and none of its processes runs on
+    with pytest.raises(requests.ConnectionError, match="Connection refused"):
         api(connection["url"], "api/status", connection["token"], timeout=3)
     assert process_gone(connection["pid"])
+    assert not still_running(server), [process.cmdline() for process in still_running(server)]
 
 
 def test_new_commit_builds_only_the_new_sha(launched):

@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from conftest import GitRepo
+from conftest import GitRepo, files_holding
 from repo2singularity.processes import free_port
 from workflow_runner import PROJECT, SNAKEMAKE, last_line, snakemake
 
@@ -94,13 +94,6 @@ class DumbHttpRepository:
     def stop(self):
         self.server.terminate()
         self.server.wait()
-
-
-def files_holding(secret, *folders):
-    """The files under `folders` that hold `secret` (grep: 0 found, 1 none, else an error)."""
-    result = subprocess.run(["grep", "-rl", "--binary-files=text", secret, *map(str, folders)], capture_output=True, text=True)
-    assert result.returncode in (0, 1), f"grep failed: {result.stderr}"
-    return result.stdout
 
 
 @pytest.mark.integration

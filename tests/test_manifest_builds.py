@@ -1,13 +1,13 @@
 """A manifest of several real repositories, built with the real Docker engine, repo2docker and
-Apptainer: one broken row does not stop the others; only moved branches are rebuilt; prune
-keeps exactly the newest N."""
+Apptainer: with the local profile, as users run a manifest, broken rows do not stop the others;
+only moved branches are rebuilt; prune keeps exactly the newest N."""
 
 import json
 import subprocess
 
 import pytest
 
-from conftest import GitRepo
+from conftest import PROJECT, GitRepo
 from workflow_runner import snakemake
 
 pytestmark = pytest.mark.integration
@@ -27,13 +27,16 @@ def fleet(tmp_path_factory):
     repos["broken"].commit("x1", {"Dockerfile": "FROM debian:bookworm\nRUN echo failing on purpose && exit 3\n"})
     manifest = base / "images.tsv"
     manifest.write_text(
-        "name\trepo\tref\n"
-        + "".join(f"{name}\t{repo.path}\tmain\n" for name, repo in repos.items())
-        + f"gone\t{repos['alpha'].path}\tdeleted-branch\n"
+        "name\trepo\tref\tsubdir\n"
+        + "".join(f"{name}\t{repo.path}\tmain\t\n" for name, repo in repos.items())
+        + f"gone\t{repos['alpha'].path}\tdeleted-branch\t\n"
+        # fails in the very first step, while the other rows have their whole chain ahead of them
+        + f"lost\t{repos['beta'].path}\tmain\tno-such-folder\n"
     )
     workdir = base / "work"
     workdir.mkdir()
-    first = snakemake(workdir, "--keep-going", config={"manifest": manifest}, check=False)
+    # as the README says to run a manifest: with the local profile, nothing added
+    first = snakemake(workdir, "--profile", str(PROJECT / "profiles" / "local"), config={"manifest": manifest}, check=False)
     return repos, workdir, first
 
 
@@ -45,8 +48,9 @@ def sif(workdir, name, sha):
     return workdir / "results" / name / sha / f"{name}.sif"
 
 
-def test_one_broken_repository_does_not_stop_the_others(fleet):
+def test_with_the_local_profile_one_broken_repository_does_not_stop_the_others(fleet):
     repos, workdir, first = fleet
+    assert "--keep-going" not in first.args
     assert first.returncode != 0, "a failed image must fail the run for CI"
     for name in ("alpha", "beta"):
         assert sif(workdir, name, repos[name].head()).exists()
@@ -56,8 +60,9 @@ def test_one_broken_repository_does_not_stop_the_others(fleet):
     assert "failing on purpose" in open(rows["broken"]["log"]).read()
     assert rows["gone"]["status"] == "failed" and rows["gone"]["step"] == "resolve"
     assert "'deleted-branch' not found" in rows["gone"]["error"]
+    assert rows["lost"]["status"] == "failed" and rows["lost"]["step"] == "clone_source"
     table = (workdir / "results" / "summary.md").read_text()
-    assert "2 built, 0 up to date, 2 failed" in table
+    assert "2 built, 0 up to date, 3 failed" in table
     assert "| broken | failed |" in table and "| alpha | built |" in table
 
 

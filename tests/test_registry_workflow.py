@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from registry_server import CertificateAuthority, RegistryServer
 
-from conftest import GitRepo
+from conftest import GitRepo, files_holding
 from jupyter_client import execute
 from repo2singularity import registry
 from repo2singularity.shared_sifs import RECEIPT_ANNOTATION
@@ -93,12 +93,6 @@ def folder_of(workdir, sha, name=NAME):
 
 def rules_run(result):
     return {line.split()[1].rstrip(":") for line in (result.stdout + result.stderr).splitlines() if line.startswith(("rule ", "localrule "))}
-
-
-def files_holding(secret, *folders):
-    found = subprocess.run(["grep", "-rl", "--binary-files=text", secret, *map(str, folders)], capture_output=True, text=True)
-    assert found.returncode in (0, 1), found.stderr
-    return found.stdout
 
 
 @pytest.fixture(scope="module")

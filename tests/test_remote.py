@@ -22,7 +22,7 @@ import yaml
 
 from snakemake.utils import validate
 
-from conftest import GitRepo, sif_compression
+from conftest import GitRepo, processes_running, sif_compression
 from repo2singularity import builders, ssh_transport
 from repo2singularity.builders import ssh as ssh_builder
 from repo2singularity.processes import free_port
@@ -398,13 +398,20 @@ def test_second_run_makes_no_ssh_connection(lab, remote_build):
 
 @pytest.mark.integration
 def test_cut_download_resumes_and_verifies(lab, remote_build):
-    workdir, configfile, *_ = remote_build
-    first_tag = json.loads((folder_of(workdir, lab["repo"].head()) / "image.json").read_text())["tag"]
-    sha = lab["repo"].commit("second", {"notes.md": "a second commit\n"})
+    workdir, configfile, first_sha, *_ = remote_build
+    first_tag = json.loads((folder_of(workdir, first_sha) / "image.json").read_text())["tag"]
+    # a second commit on a branch of its own: main stays where the other tests, in any order, expect it
+    repo = lab["repo"]
+    repo.git("checkout", "--quiet", "-b", "cut-download")
+    try:
+        sha = repo.commit("second", {"notes.md": "a second commit\n"})
+    finally:
+        repo.git("checkout", "--quiet", "main")
+    config = {**run_config(lab), "ref": "cut-download"}
     folder = folder_of(workdir, sha)
     partial = folder / f".{NAME}.sif.partial"
     command = [SNAKEMAKE, "--snakefile", str(PROJECT / "Snakefile"), "--directory", str(workdir), "--cores", "2", "build",
-               "--configfile", str(configfile), "--config", f"repo={lab['repo'].path}", "ref=main", f"name={NAME}"]
+               "--configfile", str(configfile), "--config", f"repo={repo.path}", "ref=cut-download", f"name={NAME}"]
     # slow enough to be cut midway on loopback
     env = {**os.environ, ssh_transport.RATE_LIMIT_VARIABLE: str(4_000_000)}
     run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -422,8 +429,8 @@ def test_cut_download_resumes_and_verifies(lab, remote_build):
     assert 0 < cut_at
     assert not (folder / f"{NAME}.sif").exists() and not (folder / f"{NAME}.sif.sha256").exists()
 
-    snakemake(workdir, "--unlock", "--configfile", configfile, config=run_config(lab))
-    resumed = snakemake(workdir, "build", "--configfile", configfile, config=run_config(lab))
+    snakemake(workdir, "--unlock", "--configfile", configfile, config=config)
+    resumed = snakemake(workdir, "build", "--configfile", configfile, config=config)
     assert "rule build_image" not in resumed.stderr and "rule save_image" not in resumed.stderr
     log = (folder / "logs" / "build_sif.log").read_text()
     resumed_at = float(log.split("resuming at ")[1].split()[0])
@@ -555,15 +562,6 @@ def test_process_group_mark():
     assert ssh_transport.parse_pgid(b"@@r2s-pgid x") is None
 
 
-def processes_running(needle):
-    """Pids whose command line contains `needle` (bytes)."""
-    found = []
-    for process in psutil.process_iter(["cmdline"]):
-        if needle in " ".join(process.info["cmdline"] or ()).encode():
-            found.append(process.pid)
-    return found
-
-
 def step_on_builder(lab, tmp_path, body, settings_lines=""):
     """A Python script that connects to the builder as a rule's script would, then runs `body`
     (with `t` the connection)."""
@@ -588,7 +586,7 @@ def start_remote_step(lab, tmp_path, command, settings_lines=""):
     body = f"run_step('step', lambda: t.run_logged(ssh_transport.remote_command({command!r}), {log!r}, 'step'))"
     step = step_on_builder(lab, tmp_path, body, settings_lines)
     deadline = time.monotonic() + 30
-    while not processes_running(shlex.join(command).encode()):
+    while not processes_running(shlex.join(command)):
         assert step.poll() is None, step.stderr.read()
         assert time.monotonic() < deadline, "the remote command did not start"
         time.sleep(0.1)
@@ -614,7 +612,7 @@ def communicate_while_frozen(step, sshd, timeout=60):
 
 def wait_until_ended(command, seconds, why):
     deadline = time.monotonic() + seconds
-    while processes_running(shlex.join(command).encode()):
+    while processes_running(shlex.join(command)):
         assert time.monotonic() < deadline, why
         time.sleep(0.1)
 
@@ -646,33 +644,73 @@ def test_a_builder_gone_silent_ends_the_step_and_then_its_command(lab, tmp_path)
     wait_until_ended(command, 20, "the command on the builder outlived its connection")
 
 
+class HeldBuild(threading.Thread):
+    """A build step on a connection of its own (as another run's would be) whose command, once it
+    holds a build slot, says so in a file and then waits until the test lets it end."""
+
+    def __init__(self, settings, folder, number):
+        super().__init__(daemon=True)
+        self.settings, self.number = settings, number
+        self.holds_slot = folder / f"holds-slot-{number}"
+        self.release = folder / f"release-{number}"
+        self.log = folder / f"build-{number}.log"
+        self.error = None
+
+    def run(self):
+        command = ssh_transport.remote_command(
+            ["touch", "--", self.holds_slot], ["sh", "-c", 'while [ ! -e "$1" ]; do sleep 0.1; done', "wait", self.release]
+        )
+        slots = ssh_builder.remote_paths(self.settings.workdir, NAME, "slots")["build_slots"]
+        try:
+            with ssh_transport.SSHTransport(self.settings.target, self.log) as connection:
+                connection.run_logged(ssh_builder.with_build_slot(command, slots, self.settings.max_builds), self.log, f"build {self.number}")
+        except BaseException as error:  # reported by the test, not lost in the thread
+            self.error = error
+
+    def waited(self):
+        # a line of the command's output (the log's first line is the command, which holds the words too)
+        lines = self.log.read_text().splitlines() if self.log.exists() else []
+        return any(line.startswith("waiting for a build slot") for line in lines)
+
+    def wait_for(self, condition, what, seconds=60):
+        deadline = time.monotonic() + seconds
+        while not condition():
+            assert self.error is None and self.is_alive(), f"build {self.number} ended before {what}: {self.error}"
+            assert time.monotonic() < deadline, f"build {self.number}: no sign of {what} within {seconds} s"
+            time.sleep(0.05)
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("max_builds", [1, 2])
 def test_the_builder_runs_at_most_max_builds_at_once(lab, tmp_path, max_builds):
-    """Two steps, each on a connection of its own as two runs would be, start a build at once."""
+    """The first build holds its slot until the test releases it; only then does the test decide
+    what the second one must have done: with max_builds 1 it waits (and says so in its log) and
+    starts once the first has ended; with 2 it runs alongside the first."""
     settings = settings_of(builder_config(lab, tmp_path, max_builds=max_builds))
-    spans = {}
-
-    def build(number):
-        log = tmp_path / f"build-{number}.log"
-        with ssh_transport.SSHTransport(settings.target, log) as connection:
-            slots = ssh_builder.remote_paths(settings.workdir, NAME, "slots")["build_slots"]
-            command = ssh_transport.remote_command(["date", "+%s.%N"], ["sleep", "2"], ["date", "+%s.%N"])
-            connection.run_logged(ssh_builder.with_build_slot(command, slots, settings.max_builds), log, f"build {number}")
-        lines = log.read_text().splitlines()
-        spans[number] = [float(line) for line in lines if line[:1].isdigit()], any(line.startswith("waiting for a build slot") for line in lines)
-
-    threads = [threading.Thread(target=build, args=(number,)) for number in (1, 2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    (first, first_waited), (second, second_waited) = sorted(spans.values())
-    overlapped = second[0] < first[1]
-    if max_builds == 1:
-        assert not overlapped and (first_waited or second_waited)
-    else:
-        assert overlapped and not (first_waited or second_waited)
+    first, second = HeldBuild(settings, tmp_path, 1), HeldBuild(settings, tmp_path, 2)
+    try:
+        first.start()
+        first.wait_for(first.holds_slot.exists, "holding a slot")
+        second.start()
+        if max_builds == 1:
+            second.wait_for(lambda: second.waited() or second.holds_slot.exists(), "waiting for a build slot")
+            assert not second.holds_slot.exists(), "the second build started while the first held the only slot"
+            assert second.waited()
+            first.release.touch()
+            first.join(timeout=60)
+            second.wait_for(second.holds_slot.exists, "taking the slot the first build left")
+        else:
+            second.wait_for(second.holds_slot.exists, "starting while the first build still runs")
+            assert first.is_alive() and not first.release.exists()
+            assert not second.waited()
+    finally:
+        first.release.touch()
+        second.release.touch()
+        first.join(timeout=60)
+        second.join(timeout=60)
+    assert first.error is None and second.error is None, (first.error, second.error)
+    assert not first.waited(), "the first build found no free slot: a slot is still held from elsewhere"
+    assert f"build slot 1 of {max_builds}" in first.log.read_text().splitlines()
 
 
 @pytest.mark.integration
@@ -757,7 +795,7 @@ def test_connection_dropped_during_the_remote_build_is_one_line_and_the_rerun_co
         assert run.poll() is None, f"the run ended before the build:\n{run.stderr.read()[-3000:]}"
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    building = f"{NAME}:{sha}".encode()
+    building = f"{NAME}:{sha}"
     assert processes_running(building), "repo2docker should be running on the builder"
     lab["sshd"].cut_sessions()
     _, stderr = run.communicate(timeout=300)

@@ -11,12 +11,15 @@ import socket
 import stat
 import subprocess
 import time
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import psutil
 import pytest
+import requests
 
-from conftest import PROJECT, started
+from conftest import PROJECT, files_holding, processes_running, process_tree, started, still_running
 from jupyter_client import api, execute
 from repo2singularity import jupyter, servers, slurm
 from repo2singularity.launchers.local import LocalLauncher
@@ -24,7 +27,7 @@ from repo2singularity.launchers import slurm as slurm_launcher
 from repo2singularity.launchers.slurm import own_addresses, reachable_address, ssh_tunnel
 from repo2singularity.processes import ProcessIdentity
 from repo2singularity.step import StepError
-from workflow_runner import last_line, snakemake
+from workflow_runner import snakemake
 
 PROFILE = str(PROJECT / "profiles" / "slurm")
 PARTITION = "debug"
@@ -89,7 +92,6 @@ def test_server_command_for_a_slurm_job_leaves_address_and_port_to_the_node(tmp_
     assert command[:3] == ["apptainer", "run", "--nv"]
     assert "--x=1" in command
     assert not any(word.startswith(("--ip", "--port")) for word in command)
-    assert not any("token" in word.lower() for word in command)
 
 
 def test_the_server_listens_where_the_login_node_reaches_the_node_never_on_its_names_loopback(monkeypatch):
@@ -167,14 +169,57 @@ def test_a_job_that_left_the_queue_is_bounded_by_the_launch_timeout_whatever_its
 integration = pytest.mark.integration
 
 
-def squeue(*args):
-    result = subprocess.run(["squeue", "--noheader", *args], capture_output=True, text=True)
-    assert result.returncode == 0, f"squeue failed (is the cluster up? as root: bash setup/slurm.sh): {result.stderr}"
+def run_tool(*command):
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, f"{command} failed (is the cluster up? as root: bash setup/slurm.sh): {result.stderr}"
     return result.stdout
 
 
-def my_active_jobs():
-    return squeue("--user", str(os.getuid()), "--format=%i %j %T").split("\n")[:-1]
+def jobs_from(workdir):
+    """{job id: state} of this account's jobs, running or ended (squeue keeps an ended job for
+    MinJobAge), whose working folder is in `workdir`: the jobs this module's runs submitted,
+    whatever else the cluster runs."""
+    jobs = {}
+    for line in run_tool("squeue", "--noheader", "--user", str(os.getuid()), "--states=all", "--format=%i|%T|%Z").splitlines():
+        job_id, state, folder = line.split("|", 2)
+        if Path(folder) == workdir or workdir in Path(folder).parents:
+            jobs[job_id] = state
+    return jobs
+
+
+def jobs_since(workdir, before):
+    """{job id: state} of the jobs of ours that appeared in the queue since `before`; none of them
+    may still run."""
+    appeared = {job_id: state for job_id, state in jobs_from(workdir).items() if job_id not in before}
+    assert not [job_id for job_id, state in appeared.items() if slurm.is_active(state)], f"a failed launch left a job running: {appeared}"
+    return appeared
+
+
+def submitted_jobs(result):
+    """The jobs a launch says it submitted."""
+    return re.findall(r"submitted Slurm job (\d+)", result.stderr)
+
+
+def job_processes(job_id):
+    """The processes of a running job, as Slurm lists them on this node, with their descendants."""
+    pids = [int(line.split()[0]) for line in run_tool("scontrol", "listpids", str(job_id)).splitlines() if line.split()[0].isdigit()]
+    processes = {}
+    for pid in pids:
+        try:
+            processes.update((process.pid, process) for process in process_tree(pid))
+        except psutil.NoSuchProcess:
+            pass
+    return list(processes.values())
+
+
+def command_lines(processes):
+    lines = []
+    for process in processes:
+        try:
+            lines.append(" ".join(process.cmdline()))
+        except psutil.NoSuchProcess:
+            pass
+    return lines
 
 
 def wait_until(condition, timeout, message):
@@ -239,6 +284,22 @@ def stop(workdir, repo):
     return on_slurm(workdir, "stop", config=config_for(repo))
 
 
+@dataclass
+class Launched:
+    """The module's one full run with the Slurm profile, as it was when it ended."""
+
+    repo: object
+    workdir: Path
+    sha: str
+    connection: dict  # launch.json right after the run
+    result: subprocess.CompletedProcess
+    job_records: dict  # `scontrol show job` of each job the run submitted, right after it
+
+    @property
+    def folder(self):
+        return folder_of(self.workdir, self.sha)
+
+
 @pytest.fixture(scope="module")
 def launched(example):
     """One full run with the Slurm profile: image and SIF here, sandbox and Jupyter as jobs."""
@@ -247,17 +308,32 @@ def launched(example):
     result = on_slurm(workdir, config=config_for(repo))
     print(f"snakemake start to live Slurm URL (cold, image build included): {time.monotonic() - started:.0f} s")
     sha = repo.head()
-    yield repo, workdir, sha, read_connection(workdir, sha), result
+    submitted = re.findall(r"Job \d+ has been submitted with SLURM jobid (\d+)", result.stdout + result.stderr)
+    # Slurm forgets an ended job MinJobAge after its end, long before a late test looks
+    records = {job_id: run_tool("scontrol", "show", "job", job_id) for job_id in submitted}
+    yield Launched(repo, workdir, sha, read_connection(workdir, sha), result, records)
     on_slurm(workdir, "stop", config=config_for(repo), check=False)
+
+
+@pytest.fixture
+def server(launched):
+    """A Slurm job's server with the module's settings that answers now: the module's run's
+    while it runs, else a new one (an earlier test may have stopped or replaced it, in any order)."""
+    launch_file = launched.folder / "launch.json"
+    if launch_file.exists():
+        connection = json.loads(launch_file.read_text())
+        if connection["launched_on"] == "slurm" and jupyter.status(connection["url"], connection["token"]) == 200:
+            return connection
+        stop(launched.workdir, launched.repo)
+    on_slurm(launched.workdir, "launch", config=config_for(launched.repo))
+    return read_connection(launched.workdir, launched.sha)
 
 
 @integration
 def test_sandbox_is_built_by_a_slurm_job(launched):
-    _, workdir, sha, _, result = launched
-    output = result.stdout + result.stderr
-    submitted = re.findall(r"Job \d+ has been submitted with SLURM jobid (\d+)", output)
-    assert submitted, f"no job went to Slurm:\n{output[-3000:]}"
-    records = {job_id: subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout for job_id in submitted}
+    output = launched.result.stdout + launched.result.stderr
+    records = launched.job_records
+    assert records, f"no job went to Slurm:\n{output[-3000:]}"
     sandbox_jobs = [record for record in records.values() if "Comment=rule_unpack_sandbox" in record]
     assert len(sandbox_jobs) == 1, records
     # run by Slurm as the account that ran the workflow, and finished
@@ -266,45 +342,66 @@ def test_sandbox_is_built_by_a_slurm_job(launched):
     assert "MinMemoryNode=2000M" in sandbox_jobs[0] and "TimeLimit=00:30:00" in sandbox_jobs[0], sandbox_jobs[0]
     # builder rules stayed on this machine
     assert not any("rule_build_image" in record or "rule_build_sif" in record for record in records.values())
-    assert (folder_of(workdir, sha) / "sandbox" / "home" / "jovyan").is_dir()
+    assert (launched.folder / "sandbox" / "home" / "jovyan").is_dir()
 
 
 @integration
-def test_launch_json_names_node_port_job_and_tunnel(launched):
-    _, workdir, sha, connection, result = launched
-    launch_file = folder_of(workdir, sha) / "launch.json"
-    assert stat.S_IMODE(launch_file.stat().st_mode) == 0o600
-    assert stat.S_IMODE(Path(connection["log"]).stat().st_mode) == 0o600
+def test_the_run_prints_the_url_and_the_tunnel_of_its_server(launched):
+    connection, output = launched.connection, launched.result.stdout
     assert connection["launched_on"] == "slurm"
-    # the server listens on one address of its node, the one this host reaches it by
-    assert connection["host"] in own_addresses() and connection["host"] != "0.0.0.0"
-    state, node = slurm.job_state(connection["slurm_job_id"])
-    assert (state, node) == ("RUNNING", connection["node"])
     assert connection["ssh_tunnel"].startswith(f"ssh -N -L {connection['port']}:{connection['host']}:{connection['port']} ")
-    assert connection["url_with_token"] in result.stdout
-    assert connection["ssh_tunnel"] in result.stdout
-    # the token never reached a command line or the job script
-    script = (folder_of(workdir, sha) / "jupyter.sbatch").read_text()
-    assert connection["token"] not in script
-    assert not (folder_of(workdir, sha) / ".jupyter.env").exists()
+    assert connection["url_with_token"] in output
+    assert connection["ssh_tunnel"] in output
 
 
 @integration
-def test_server_answers_with_token_and_refuses_without(launched):
-    *_, connection, _ = launched
-    assert api(connection["url"], "api/status", connection["token"]).status_code == 200
-    assert api(connection["url"], "api/status").status_code == 403
-    assert api(connection["url"], "api/status", "wrong-token").status_code == 403
+def test_launch_json_names_node_port_and_job_of_the_server_that_runs(launched, server):
+    assert stat.S_IMODE((launched.folder / "launch.json").stat().st_mode) == 0o600
+    assert stat.S_IMODE(Path(server["log"]).stat().st_mode) == 0o600
+    assert slurm.job_state(server["slurm_job_id"]) == ("RUNNING", server["node"])
+    # the server listens on one address of its node, the one this host reaches it by, not on all
+    # (the unit test above covers a node whose name maps to 127.0.1.1)
+    listening = {c.laddr.ip for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == server["port"]}
+    assert listening == {server["host"]} and server["host"] in own_addresses(), listening
 
 
 @integration
-def test_kernel_runs_code_on_the_node_after_the_start_script(launched):
-    *_, connection, _ = launched
+def test_the_token_is_in_no_command_line_job_record_or_log(launched, server):
+    """The token the server really uses (it answers to it), looked for where other accounts or
+    the site's staff could see it: `ps`, Slurm's record and copy of the job script, the logs."""
+    token, job_id = server["token"], server["slurm_job_id"]
+    assert api(server["url"], "api/status", token).status_code == 200
+    lines = command_lines(job_processes(job_id))
+    # these are the job's processes: Jupyter on the recorded port among them
+    assert any("jupyter" in line and f"--port={server['port']}" in line for line in lines), lines
+    assert not [line for line in lines if token in line]
+    assert not processes_running(token), "the token is on a command line that ps shows"
+    record = run_tool("scontrol", "show", "job", "--details", job_id)
+    stored_script = run_tool("scontrol", "write", "batch_script", job_id, "-")
+    assert f"JobId={job_id} " in record and "serve_jupyter.py" in stored_script
+    assert token not in record and token not in stored_script
+    assert token not in (launched.folder / "jupyter.sbatch").read_text()
+    # the server's log (the job's output) and every other log and record of the runs
+    assert Path(server["log"]).stat().st_size > 0
+    holding = set(files_holding(token, launched.workdir, skip=["sandbox", "*.sif"]).split())
+    assert holding == {str(launched.folder / "launch.json"), str(launched.folder / ".launch.record.json")}, holding
+    assert not (launched.folder / ".jupyter.env").exists()
+
+
+@integration
+def test_server_answers_with_token_and_refuses_without(server):
+    assert api(server["url"], "api/status", server["token"]).status_code == 200
+    assert api(server["url"], "api/status").status_code == 403
+    assert api(server["url"], "api/status", "wrong-token").status_code == 403
+
+
+@integration
+def test_kernel_runs_code_on_the_node_after_the_start_script(server):
     code = (
         "import os; print(os.getcwd(), os.environ.get('REPO2SINGULARITY_START_RAN'), os.environ.get('SLURM_JOB_ID'),"
         " open('/mnt/note.txt').read().split()[-1], os.path.exists('hello.ipynb'))"
     )
-    cwd, start_ran, job_id, scratch, notebook = execute(connection["url"], connection["token"], code).split()
+    cwd, start_ran, job_id, scratch, notebook = execute(server["url"], server["token"], code).split()
     # the repository is the working folder, the start script ran, the bind did not hide it
     assert (cwd, start_ran, scratch, notebook) == ("/home/jovyan", "yes", "scratch", "True")
     # --cleanenv keeps the job's variables away from the notebook
@@ -312,37 +409,38 @@ def test_kernel_runs_code_on_the_node_after_the_start_script(launched):
 
 
 @integration
-def test_servers_lists_the_running_server(launched):
-    repo, workdir, sha, connection, _ = launched
-    result = on_slurm(workdir, "servers", config=config_for(repo))
+def test_servers_lists_the_running_server(launched, server):
+    result = on_slurm(launched.workdir, "servers", config=config_for(launched.repo))
     line = next(line for line in result.stderr.splitlines() if line.startswith("example "))
-    assert "running" in line and f"Slurm job {connection['slurm_job_id']}" in line and connection["url"] in line
+    assert "running" in line and f"Slurm job {server['slurm_job_id']}" in line and server["url"] in line
 
 
 @integration
-def test_relaunch_with_other_settings_replaces_the_server(launched):
-    repo, workdir, sha, first, _ = launched
+def test_relaunch_with_other_settings_replaces_the_server(launched, server):
+    first = server
     # Snakemake reruns the launch when its settings change; the first server must not be orphaned
-    on_slurm(workdir, "launch", config=config_for(repo, idle_timeout=3600))
-    second = read_connection(workdir, sha)
+    idle_timeout = 3601 if first.get("idle_timeout") == 3600 else 3600
+    on_slurm(launched.workdir, "launch", config=config_for(launched.repo, idle_timeout=idle_timeout))
+    second = read_connection(launched.workdir, launched.sha)
     assert second["slurm_job_id"] != first["slurm_job_id"]
     assert not slurm.is_active(slurm.job_state(first["slurm_job_id"])[0])
-    ended = json.loads((folder_of(workdir, sha) / "launch.ended.json").read_text())
+    ended = json.loads((launched.folder / "launch.ended.json").read_text())
     assert ended["slurm_job_id"] == first["slurm_job_id"] and ended["replaced"]
     assert api(second["url"], "api/status", second["token"]).status_code == 200
 
 
 @integration
-def test_stop_ends_the_slurm_job_and_the_server(launched):
-    repo, workdir, sha, *_ = launched
-    connection = read_connection(workdir, sha)
-    stop(workdir, repo)
-    folder = folder_of(workdir, sha)
-    assert not (folder / "launch.json").exists()
-    assert json.loads((folder / "launch.ended.json").read_text())["ended"]
-    assert not slurm.is_active(slurm.job_state(connection["slurm_job_id"])[0])
-    with pytest.raises(Exception):
-        api(connection["url"], "api/status", connection["token"], timeout=3)
+def test_stop_ends_the_slurm_job_and_the_server(launched, server):
+    processes = job_processes(server["slurm_job_id"])
+    assert any(f"--port={server['port']}" in line for line in command_lines(processes))
+    stop(launched.workdir, launched.repo)
+    assert not (launched.folder / "launch.json").exists()
+    assert json.loads((launched.folder / "launch.ended.json").read_text())["ended"]
+    assert not slurm.is_active(slurm.job_state(server["slurm_job_id"])[0])
+    # nothing listens on its port any more, and none of the job's processes runs on
+    with pytest.raises(requests.ConnectionError, match="Connection refused"):
+        api(server["url"], "api/status", server["token"], timeout=3)
+    assert not still_running(processes), command_lines(still_running(processes))
 
 
 @integration
@@ -354,74 +452,71 @@ def test_stop_ends_the_slurm_job_and_the_server(launched):
     ],
 )
 def test_impossible_request_is_one_line_and_leaves_nothing_running(launched, settings, reason):
-    repo, workdir, sha, *_ = launched
-    before = my_active_jobs()
-    result = on_slurm(workdir, "launch", config=config_for(repo, **settings), check=False)
+    before = jobs_from(launched.workdir)
+    result = on_slurm(launched.workdir, "launch", config=config_for(launched.repo, **settings), check=False)
     assert result.returncode != 0
-    line = launch_error(result)
-    assert line == f"launch_jupyter: Slurm refused the job: {reason}"
-    assert not (folder_of(workdir, sha) / "launch.json").exists()
-    assert my_active_jobs() == before
+    assert launch_error(result) == f"launch_jupyter: Slurm refused the job: {reason}"
+    assert not (launched.folder / "launch.json").exists()
+    # Slurm may keep a record of a job it refused, FAILED at once (a memory request no node has)
+    assert submitted_jobs(result) == []
+    assert set(jobs_since(launched.workdir, before).values()) <= {"FAILED"}
 
 
 @integration
 def test_job_that_dies_before_answering_is_one_line_with_its_log(launched):
-    repo, workdir, sha, *_ = launched
-    result = on_slurm(workdir, "launch", config=config_for(repo, jupyter_command="[jupyter,no-such-app]"), check=False)
+    before = jobs_from(launched.workdir)
+    result = on_slurm(launched.workdir, "launch", config=config_for(launched.repo, jupyter_command="[jupyter,no-such-app]"), check=False)
     assert result.returncode != 0
     line = launch_error(result)
     assert re.fullmatch(r"launch_jupyter: the Slurm job \d+ ended \(FAILED\) before the Jupyter server answered; last lines of .*:", line), line
     assert "no-such-app" in result.stderr
-    assert len(re.findall(r"submitted Slurm job", result.stderr)) == 1
-    assert not my_active_jobs()
+    assert len(submitted_jobs(result)) == 1 and set(jobs_since(launched.workdir, before)) == set(submitted_jobs(result))
 
 
 @integration
 def test_server_that_never_answers_is_cancelled_after_the_wait(launched):
-    repo, workdir, sha, *_ = launched
+    before = jobs_from(launched.workdir)
     settings = {"jupyter_command": '[sh,-c,"sleep 600"]', "launch_timeout": 5}
-    result = on_slurm(workdir, "launch", config=config_for(repo, **settings), check=False)
+    result = on_slurm(launched.workdir, "launch", config=config_for(launched.repo, **settings), check=False)
     assert result.returncode != 0
     line = launch_error(result)
     assert re.fullmatch(r"launch_jupyter: the Jupyter server \(Slurm job \d+, RUNNING: \S+\) did not answer within 5 s; it was cancelled; see .*", line), line
-    assert not my_active_jobs()
+    assert len(submitted_jobs(result)) == 1 and set(jobs_since(launched.workdir, before)) == set(submitted_jobs(result))
 
 
 @integration
 def test_job_left_waiting_in_the_queue_is_cancelled_after_the_queue_timeout(launched):
-    repo, workdir, sha, *_ = launched
+    before = jobs_from(launched.workdir)
     # extra sbatch arguments reach sbatch as they are: this one keeps the job pending
     settings = {"slurm_sbatch_args": "[--begin=now+3600]", "slurm_queue_timeout": 3}
-    result = on_slurm(workdir, "launch", config=config_for(repo, **settings), check=False)
+    result = on_slurm(launched.workdir, "launch", config=config_for(launched.repo, **settings), check=False)
     assert result.returncode != 0
     line = launch_error(result)
     assert re.fullmatch(
         r"launch_jupyter: the Slurm job \d+ was still waiting in the queue after 3 s \(BeginTime\); it was cancelled \(slurm_queue_timeout\)",
         line,
     ), line
-    assert not my_active_jobs()
+    assert len(submitted_jobs(result)) == 1 and set(jobs_since(launched.workdir, before)) == set(submitted_jobs(result))
 
 
 @integration
 def test_idle_server_shuts_itself_down_and_its_job_ends(launched):
-    repo, workdir, sha, *_ = launched
     # notebook 6 checks for inactivity once a minute
-    on_slurm(workdir, "launch", config=config_for(repo, idle_timeout=5))
-    connection = read_connection(workdir, sha)
+    on_slurm(launched.workdir, "launch", config=config_for(launched.repo, idle_timeout=5))
+    connection = read_connection(launched.workdir, launched.sha)
     assert api(connection["url"], "api/status", connection["token"]).status_code == 200
     job_id = connection["slurm_job_id"]
     wait_until(lambda: not slurm.is_active(slurm.job_state(job_id)[0]), 150, "the idle server's job still runs")
     assert slurm.job_state(job_id)[0] == "COMPLETED"
-    listing = on_slurm(workdir, "servers", config=config_for(repo)).stderr
+    listing = on_slurm(launched.workdir, "servers", config=config_for(launched.repo)).stderr
     assert re.search(r"^example .* ended ", listing, re.MULTILINE), listing
-    stop(workdir, repo)
+    stop(launched.workdir, launched.repo)
 
 
 @integration
 def test_idle_local_server_shuts_itself_down(launched):
-    repo, workdir, sha, *_ = launched
-    snakemake(workdir, "launch", config=config_for(repo, launch_on="local", idle_timeout=5))
-    connection = read_connection(workdir, sha)
+    snakemake(launched.workdir, "launch", config=config_for(launched.repo, launch_on="local", idle_timeout=5))
+    connection = read_connection(launched.workdir, launched.sha)
     assert connection["launched_on"] == "local"
     wait_until(lambda: not LocalLauncher().running(connection), 150, "the idle local server still runs")
-    stop(workdir, repo)
+    stop(launched.workdir, launched.repo)

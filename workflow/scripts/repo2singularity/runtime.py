@@ -77,10 +77,14 @@ def unpack_sandbox(runtime, sif, checksum, sandbox, log):
     """A writable sandbox folder from the SIF, checked against its checksum first; an existing
     sandbox is swapped for the new one in one step, so there is always one."""
     check_sif(sif, checksum)
-    partial = temporary_sibling(sandbox)
+    # the runtime unpacks into a folder of its own beside the destination (build-temp-*), which a
+    # killed unpack leaves behind: a private folder around the destination goes with it
+    workspace = temporary_sibling(sandbox)
+    workspace.mkdir(mode=0o700)
+    partial = workspace / "sandbox"
     try:
         run_logged([runtime, "build", "--sandbox", str(partial), str(sif)], log, f"unpack_sandbox ({Path(runtime).name} build --sandbox)")
         os.chmod(partial, 0o755)
         replace_folder(partial, sandbox)
     finally:
-        remove_tree(partial)
+        remove_tree(workspace)
