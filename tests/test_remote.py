@@ -364,29 +364,6 @@ def test_remote_chain_gives_the_same_labels_as_a_local_build(lab, remote_build):
 
 
 @pytest.mark.integration
-def test_the_remote_profile_builds_over_ssh_and_unpacks_on_slurm(lab, tmp_path):
-    """`snakemake --profile profiles/remote` as the README gives it, with this lab's builder in
-    place of builder.yaml: builder steps here over SSH, the sandbox as a Slurm job."""
-    assert shutil.which("sbatch"), "Slurm is missing: as root run `bash setup/slurm.sh`"
-    workdir = tmp_path / "profile"
-    configfile = builder_config(lab, workdir)
-    sha = lab["repo"].head()
-    before = lab["sshd"].connections()
-    # apptainer's own conversion on the builder, this time
-    config = {**run_config(lab), "sif_conversion": "apptainer"}
-    result = snakemake(workdir, "--profile", str(PROJECT / "profiles" / "remote"), "sandbox", "--configfile", configfile, config=config)
-    output = result.stdout + result.stderr
-    assert lab["sshd"].connections() - before == 3, "one connection per builder step"
-    submitted = re.findall(r"Job \d+ has been submitted with SLURM jobid (\d+)", output)
-    records = [subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout for job in submitted]
-    assert len(records) == 1 and "Comment=rule_unpack_sandbox" in records[0] and "JobState=COMPLETED" in records[0], output[-3000:]
-    folder = folder_of(workdir, sha)
-    assert sif_labels(folder / f"{NAME}.sif")["repo2singularity.sha"] == sha
-    assert "docker-archive://" in (folder / "logs" / "build_sif.log").read_text()
-    assert (folder / "sandbox" / "blob").is_file()
-
-
-@pytest.mark.integration
 def test_second_run_makes_no_ssh_connection(lab, remote_build):
     workdir, configfile, *_ = remote_build
     before = lab["sshd"].connections()
@@ -407,11 +384,12 @@ def test_cut_download_resumes_and_verifies(lab, remote_build):
         sha = repo.commit("second", {"notes.md": "a second commit\n"})
     finally:
         repo.git("checkout", "--quiet", "main")
-    config = {**run_config(lab), "ref": "cut-download"}
+    # apptainer's own conversion on the builder, this time (the other tests convert fast)
+    config = {**run_config(lab), "ref": "cut-download", "sif_conversion": "apptainer"}
     folder = folder_of(workdir, sha)
     partial = folder / f".{NAME}.sif.partial"
     command = [SNAKEMAKE, "--snakefile", str(PROJECT / "Snakefile"), "--directory", str(workdir), "--cores", "2", "build",
-               "--configfile", str(configfile), "--config", f"repo={repo.path}", "ref=cut-download", f"name={NAME}"]
+               "--configfile", str(configfile), "--config", *(f"{key}={value}" for key, value in config.items())]
     # slow enough to be cut midway on loopback
     env = {**os.environ, ssh_transport.RATE_LIMIT_VARIABLE: str(4_000_000)}
     run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -435,7 +413,7 @@ def test_cut_download_resumes_and_verifies(lab, remote_build):
     log = (folder / "logs" / "build_sif.log").read_text()
     resumed_at = float(log.split("resuming at ")[1].split()[0])
     assert resumed_at * 1e6 >= cut_at - 1e5, "the partial file was not reused"
-    assert "sha256 verified" in log
+    assert "sha256 verified" in log and "docker-archive://" in log
     sif = folder / f"{NAME}.sif"
     assert sha256sum(sif) == (folder / f"{NAME}.sif.sha256").read_text().split()[0]
     assert not partial.exists()
@@ -627,6 +605,20 @@ def test_a_stopped_step_stops_its_command_on_the_builder(lab, tmp_path, how):
     step.send_signal(how)
     step.wait(timeout=30)
     wait_until_ended(command, 10, "the command on the builder outlived its stopped step")
+
+
+@pytest.mark.integration
+def test_a_tool_on_the_builder_reports_where_it_is(lab, tmp_path):
+    """Issue 14: the progress line of a remote step says where its tool is, as a local one's."""
+    script = "echo '#5 [2/3] RUN make all'; sleep 2; echo '#6 [3/3] COPY . /srv'; sleep 2"
+    log = str(tmp_path / "step.log")
+    body = f"run_step('build_image', lambda: t.run_logged(ssh_transport.remote_command(['sh', '-c', {script!r}]), {log!r}, 'build_image'))"
+    step = step_on_builder(lab, tmp_path, body, "from repo2singularity import tools\ntools.PROGRESS_SECONDS = 0.2\n")
+    _, stderr = step.communicate(timeout=60)
+    assert step.returncode == 0, stderr
+    lines = stderr.splitlines()
+    assert any(line.startswith("  build_image on 127.0.0.1: build step 2/3: RUN make all (0m") for line in lines), lines
+    assert any(line.startswith("  build_image on 127.0.0.1: build step 3/3: COPY . /srv (0m") for line in lines), lines
 
 
 @pytest.mark.integration

@@ -389,13 +389,6 @@ def test_the_token_is_in_no_command_line_job_record_or_log(launched, server):
 
 
 @integration
-def test_server_answers_with_token_and_refuses_without(server):
-    assert api(server["url"], "api/status", server["token"]).status_code == 200
-    assert api(server["url"], "api/status").status_code == 403
-    assert api(server["url"], "api/status", "wrong-token").status_code == 403
-
-
-@integration
 def test_kernel_runs_code_on_the_node_after_the_start_script(server):
     code = (
         "import os; print(os.getcwd(), os.environ.get('REPO2SINGULARITY_START_RAN'), os.environ.get('SLURM_JOB_ID'),"
@@ -497,20 +490,6 @@ def test_job_left_waiting_in_the_queue_is_cancelled_after_the_queue_timeout(laun
         line,
     ), line
     assert len(submitted_jobs(result)) == 1 and set(jobs_since(launched.workdir, before)) == set(submitted_jobs(result))
-
-
-@integration
-def test_idle_server_shuts_itself_down_and_its_job_ends(launched):
-    # notebook 6 checks for inactivity once a minute
-    on_slurm(launched.workdir, "launch", config=config_for(launched.repo, idle_timeout=5))
-    connection = read_connection(launched.workdir, launched.sha)
-    assert api(connection["url"], "api/status", connection["token"]).status_code == 200
-    job_id = connection["slurm_job_id"]
-    wait_until(lambda: not slurm.is_active(slurm.job_state(job_id)[0]), 150, "the idle server's job still runs")
-    assert slurm.job_state(job_id)[0] == "COMPLETED"
-    listing = on_slurm(launched.workdir, "servers", config=config_for(launched.repo)).stderr
-    assert re.search(r"^example .* ended ", listing, re.MULTILINE), listing
-    stop(launched.workdir, launched.repo)
 
 
 @integration
