@@ -521,7 +521,8 @@ gen_wrapper() {
 # $APPTAINER_GROUP.
 set -eu
 say() { printf 'apptainer (repo2singularity): %s\n' "\$*" >&2; }
-case " \$(id -nG) " in
+# root may run the entry anyway (sudo lets it); set-up checks the installation as root
+[ "\$(id -u)" = 0 ] || case " \$(id -nG) " in
     *" $APPTAINER_GROUP "*) ;;
     *)
         if getent group $APPTAINER_GROUP | cut -d: -f4 | tr , '\n' | grep -qxF "\$(id -un)"; then
