@@ -26,7 +26,7 @@ def test_a_sif_is_in_place_before_its_checksum_is_written(tmp_path, monkeypatch)
         raise Killed()
 
     monkeypatch.setattr(local, "write_text_atomic", killed)
-    builder = local.LocalBuilder({"runtime": "apptainer", "sif_compression": "auto"}, tmp_path / "log")
+    builder = local.LocalBuilder({"runtime": "apptainer", "sif_compression": "auto", "sif_conversion": "apptainer"}, tmp_path / "log")
     sif, checksum = tmp_path / "x.sif", tmp_path / "x.sif.sha256"
     with pytest.raises(Killed):
         builder.build_sif("x", "0" * 40, tmp_path / "image.tar", sif, checksum)
