@@ -9,7 +9,8 @@
 #   setup/system.sh check     (any user) report what is missing for the CURRENT user;
 #                             exit 0 if nothing is missing, 1 otherwise
 #
-# Environment: R2S_USER (default r2s) names the unprivileged account that runs the workflow.
+# Environment: R2S_USER (default r2s) names the unprivileged account that runs the workflow;
+# R2S_APPTAINER_FOLDERS (Debian 12) adds top-level folders that apptainer sees, e.g. /scratch.
 # Written for Debian 12 and 13 machines without systemd and without a container registry.
 # Long command output goes to /var/log/repo2singularity-setup.log; dockerd logs to
 # /var/log/dockerd.log.
@@ -25,8 +26,13 @@ WRAPPER=/usr/local/bin/apptainer
 SUDOERS_FILE=/etc/sudoers.d/repo2singularity
 # members may run apptainer through the entry script (Debian 12); the build and test accounts
 APPTAINER_GROUP=r2s-apptainer
-# folders of this machine that apptainer sees at the same paths (Debian 12)
+# folders of this machine that apptainer sees at the same paths (Debian 12): these, the top
+# folder of this clone of the project (a clone can live anywhere: /scratch, /check...), those an
+# earlier install added, and R2S_APPTAINER_FOLDERS (top-level folders, space-separated)
 BOUND_FOLDERS="/home /tmp /var/tmp /work /srv /mnt /opt /media"
+# top-level folders that hold the root file system's own system (never covered by the machine's)
+SYSTEM_FOLDERS="/bin /boot /dev /etc /lib /lib32 /lib64 /libx32 /proc /root /run /sbin /sys /usr /var /.oldroot /.r2s-dev"
+PROJECT_DIR=$(cd "$(dirname "$0")/.." && pwd -P)
 SETUP_LOG=/var/log/repo2singularity-setup.log
 DOCKERD_LOG=/var/log/dockerd.log
 DOCKER_WAIT=${R2S_DOCKER_WAIT:-60}
@@ -576,6 +582,30 @@ ensure_apptainer_group() {
     fi
 }
 
+# BOUND_FOLDERS plus the project's top folder, the installed list and R2S_APPTAINER_FOLDERS;
+# a folder of the root file system's own system is refused with the reason.
+extend_bound_folders() {
+    local d installed="" top
+    top="/$(printf '%s' "${PROJECT_DIR#/}" | cut -d/ -f1)"
+    if [ -f "$NAMESPACE_STAGE" ]; then
+        installed=$(sed -n 's/^BOUND_FOLDERS=(\(.*\))$/\1/p' "$NAMESPACE_STAGE")
+    fi
+    for d in $installed $top ${R2S_APPTAINER_FOLDERS:-}; do
+        case " $BOUND_FOLDERS " in *" $d "*) continue ;; esac
+        if ! [[ "$d" =~ ^/[A-Za-z0-9._-]+$ ]] || [ "$d" = /. ] || [ "$d" = /.. ]; then
+            die "apptainer: R2S_APPTAINER_FOLDERS: '$d' is not a top-level folder such as /scratch"
+        fi
+        if [[ " $SYSTEM_FOLDERS " == *" $d "* ]]; then
+            if [ "$d" = "$top" ]; then
+                say "apptainer: note: this project ($PROJECT_DIR) is under $d, which apptainer cannot see here; clone it under one of $BOUND_FOLDERS" >&2
+                continue
+            fi
+            die "apptainer: R2S_APPTAINER_FOLDERS: $d is a folder of apptainer's own root file system"
+        fi
+        BOUND_FOLDERS="$BOUND_FOLDERS $d"
+    done
+}
+
 # What the namespace stage mounts onto: made here, once, so that it never writes to ROOTFS.
 prepare_rootfs() {
     local d f
@@ -594,6 +624,7 @@ install_rootfs_scripts() {
     local changed=()
     command -v visudo >/dev/null 2>&1 || die "apptainer: visudo not found (package sudo)"
     ensure_apptainer_group
+    extend_bound_folders
     prepare_rootfs
     if install_generated gen_namespace_script "$NAMESPACE_STAGE" 0755; then changed+=("$NAMESPACE_STAGE"); fi
     if install_generated gen_entry_script "$ENTRY" 0755; then changed+=("$ENTRY"); fi
