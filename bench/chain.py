@@ -1,13 +1,14 @@
 """Benchmark the chain on the bundled example, side by side in one run (this machine is noisy,
 so only ratios taken in the same run mean anything):
 
-1. the workflow's cold build (resolve -> SIF) against the same tools run by hand
-   (repo2docker, docker save, apptainer build), Docker's build cache emptied before each;
+1. the workflow's cold build (resolve -> SIF; by default with its fast SIF conversion) against
+   the same tools run by hand (repo2docker, docker save, apptainer build), Docker's build cache
+   emptied before each;
 2. gzip against zstd for the SIF step, on the same saved image: time and size;
 3. a no-op rerun of the workflow.
 
 Run it as the account that runs the workflow (in the docker group, Apptainer as itself):
-    .venv/bin/python bench/chain.py [--repeat N] [--runtime apptainer]
+    .venv/bin/python bench/chain.py [--repeat N] [--runtime apptainer] [--sif-conversion fast|apptainer]
 """
 
 import argparse
@@ -61,10 +62,10 @@ def by_hand(repo, sha, folder, runtime, compression):
     return time.monotonic() - started, tag
 
 
-def by_workflow(repo, workdir, runtime):
+def by_workflow(repo, workdir, runtime, sif_conversion):
     command = [
         BIN / "snakemake", "--snakefile", PROJECT / "Snakefile", "--directory", workdir, "--cores", "2", "build",
-        "--config", f"repo={repo.path}", "ref=main", "name=bench", f"runtime={runtime}",
+        "--config", f"repo={repo.path}", "ref=main", "name=bench", f"runtime={runtime}", f"sif_conversion={sif_conversion}",
     ]
     return timed(command), command
 
@@ -74,6 +75,8 @@ def main():
     parser.add_argument("--repeat", type=int, default=1, help="pairs of cold builds (default 1)")
     parser.add_argument("--runtime", default="apptainer")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    parser.add_argument("--sif-conversion", choices=("fast", "apptainer"), default="fast",
+                        help="the workflow's SIF conversion (apptainer: the same tools as by hand)")
     args = parser.parse_args()
 
     scratch = Path(tempfile.mkdtemp(prefix="r2s-bench-"))
@@ -89,8 +92,8 @@ def main():
             hand_seconds, _ = by_hand(repo, sha, folder, args.runtime, "zstd")
             workdir = scratch / f"workflow-{round_}"
             empty_docker_cache(f"r2s-bench-hand:{sha}", f"r2s-bench:{sha}")
-            workflow_seconds, command = by_workflow(repo, workdir, args.runtime)
-            rows.append(("cold build, resolve -> SIF", hand_seconds, workflow_seconds))
+            workflow_seconds, command = by_workflow(repo, workdir, args.runtime, args.sif_conversion)
+            rows.append((f"cold build, resolve -> SIF ({args.sif_conversion})", hand_seconds, workflow_seconds))
             noop = timed(command)
             rows.append(("no-op rerun of the workflow", None, noop))
 
@@ -109,11 +112,11 @@ def main():
             shutil.rmtree(scratch, ignore_errors=True)
         empty_docker_cache(f"r2s-bench-hand:{sha}", f"r2s-bench:{sha}")
 
-    print(f"{'measure':34} {'by hand':>9} {'workflow':>9} {'ratio':>7}")
+    print(f"{'measure':41} {'by hand':>9} {'workflow':>9} {'ratio':>7}")
     for label, hand, workflow in rows:
         ratio = f"{workflow / hand:6.2f}x" if hand else ""
         hand_text = f"{hand:8.1f}s" if hand else ""
-        print(f"{label:34} {hand_text:>9} {workflow:8.1f}s {ratio:>7}")
+        print(f"{label:41} {hand_text:>9} {workflow:8.1f}s {ratio:>7}")
     gzip_time, zstd_time = min(times["gzip"]), min(times["zstd"])
     print(f"\nSIF step on the same image ({sizes['gzip'] / 1e6:.0f} MB gzip): best of two each")
     print(f"  gzip {gzip_time:6.1f}s {sizes['gzip'] / 1e6:7.1f} MB")
