@@ -45,12 +45,12 @@ def transfer(lab, source, size, repeat):
     digest = sha256_file(source)
     rows = {"builder transport (stream + sha256)": [], "scp": [], "scp -O (reference)": [], "paramiko SFTP get (reference)": []}
     for _ in range(repeat):
-        target = lab["base"] / "down" / "bench.sif"
-        target.parent.mkdir(exist_ok=True)
-        target.unlink(missing_ok=True)
+        destination = lab["base"] / "down" / "bench.sif"
+        destination.parent.mkdir(exist_ok=True)
+        destination.unlink(missing_ok=True)
         started = time.monotonic()
         with SSHTransport(target) as connection:
-            connection.download(str(source), target, digest)
+            connection.download(str(source), destination, digest)
         rows["builder transport (stream + sha256)"].append(time.monotonic() - started)
         copy = lab["base"] / "down" / "scp.sif"
         copy.unlink(missing_ok=True)
