@@ -9,10 +9,11 @@ only ratios taken in the same run mean anything):
 
 An sshd of the benchmark's own runs as this account on 127.0.0.1 (as in tests/test_remote.py).
 Run it as the account that runs the workflow:
-    .venv/bin/python bench/remote.py [--repeat N] [--size-mb 300] [--repo tiny|example]
+    .venv/bin/python bench/remote.py [--repeat N] [--chains N] [--size-mb 300] [--repo tiny|example] [--sif-conversion fast|apptainer]
 """
 
 import argparse
+import csv
 import os
 import shutil
 import statistics
@@ -78,17 +79,23 @@ def empty_docker_cache(tag):
     quiet(["docker", "builder", "prune", "--all", "--force"])
 
 
-def chain(lab, repo, sha, mode, round_number):
+def chain(lab, repo, sha, mode, round_number, sif_conversion):
+    """Seconds of a cold chain, and each step's seconds from the workflow's own benchmark files."""
     workdir = lab["base"] / f"chain-{mode}-{round_number}"
     workdir.mkdir()
     command = [BIN / "snakemake", "--snakefile", PROJECT / "Snakefile", "--directory", workdir, "--cores", "2", "build",
-               "--config", f"repo={repo.path}", "ref=main", "name=bench"]
+               "--config", f"repo={repo.path}", "ref=main", "name=bench", f"sif_conversion={sif_conversion}"]
     if mode == "remote":
         command += ["--configfile", builder_config(lab, workdir)]
     empty_docker_cache(f"r2s-bench:{sha}")
     started = time.monotonic()
     quiet(command)
-    return time.monotonic() - started
+    seconds = time.monotonic() - started
+    steps = {}
+    for tsv in (workdir / "results").glob("*/*/benchmarks/*.tsv"):
+        with open(tsv) as handle:
+            steps[tsv.stem] = float(next(csv.DictReader(handle, delimiter="\t"))["s"])
+    return seconds, steps
 
 
 def main():
@@ -99,6 +106,7 @@ def main():
     parser.add_argument("--repo", choices=("tiny", "example"), default="tiny",
                         help="tiny: FROM debian:bookworm + 24 MB of random bytes; example: the bundled Jupyter example")
     parser.add_argument("--only", choices=("transfer", "chain"), help="run one part only")
+    parser.add_argument("--sif-conversion", choices=("fast", "apptainer"), default="fast", help="the chains' SIF conversion")
     args = parser.parse_args()
 
     base = Path(tempfile.mkdtemp(prefix="r2s-bench-remote-"))
@@ -141,14 +149,21 @@ def run_chains(lab, base, args):
         repo.commit("tiny", {"Dockerfile": "FROM debian:bookworm\nRUN head -c 24000000 /dev/urandom > /blob\n"})
     sha = repo.head()
     results = {"local": [], "remote": []}
+    steps = {"local": [], "remote": []}
     for round_number in range(args.chains):
         for mode in ("local", "remote"):
-            results[mode].append(chain(lab, repo, sha, mode, round_number))
+            seconds, step_seconds = chain(lab, repo, sha, mode, round_number, args.sif_conversion)
+            results[mode].append(seconds)
+            steps[mode].append(step_seconds)
     local, remote = (statistics.median(results[m]) for m in ("local", "remote"))
-    print(f"\n2. cold chain (resolve -> SIF), repo {args.repo}, {RUNTIME}, median of {args.chains}:")
+    print(f"\n2. cold chain (resolve -> SIF), repo {args.repo}, {RUNTIME}, {args.sif_conversion} SIF conversion, median of {args.chains}:")
     for mode in ("local", "remote"):
         print(f"   {mode:8s} {statistics.median(results[mode]):7.1f} s   ({', '.join(f'{t:.1f}' for t in results[mode])})")
     print(f"   ratio remote / local: {remote / local:.2f} (goal <= 1.15)")
+    print("   each step, median (the workflow's benchmark files):")
+    for step in sorted({name for runs in steps.values() for run in runs for name in run}):
+        medians = [statistics.median(run.get(step, 0.0) for run in steps[mode]) for mode in ("local", "remote")]
+        print(f"     {step:16s} local {medians[0]:6.1f} s   remote {medians[1]:6.1f} s")
 
 
 if __name__ == "__main__":
