@@ -48,7 +48,7 @@ def clone_result(seed_folder, folder, name):
     """The seed's results, hard-linked under another name and commit, in the same time order."""
     folder.mkdir(parents=True)
     shutil.copytree(seed_folder / "source", folder / "source", copy_function=os.link)
-    for suffix in (".sif", ".sif.sha256"):
+    for suffix in (".sif", ".sif.sha256", ".card.html"):
         os.link(seed_folder / f"seed{suffix}", folder / f"{name}{suffix}")
     shutil.copy2(seed_folder / "image.json", folder / "image.json")
 

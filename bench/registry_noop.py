@@ -13,6 +13,7 @@ under those N names to Debian's docker-registry on 127.0.0.1 (plain HTTP), start
 """
 
 import argparse
+import re
 import shutil
 import statistics
 import subprocess
@@ -84,7 +85,7 @@ def main():
                 noop_registry.append(seconds)
                 plan.append(timed(fresh, manifest, "-n")[0])
                 seconds, result = timed(fresh, manifest, "-n", config=with_registry)
-                if f"pull_sif        {args.images}" not in result.stdout:
+                if not re.search(rf"^pull_sif\s+{args.images}$", result.stdout, re.MULTILINE):
                     sys.exit(f"the plan with the registry does not pull {args.images} images:\n{result.stdout[-3000:]}")
                 plan_registry.append(seconds)
     finally:
