@@ -72,3 +72,39 @@ def test_an_unpack_that_fails_keeps_the_sandbox_there_was(tmp_path, monkeypatch)
         runtime.unpack_sandbox("apptainer", sif, checksum, target, tmp_path / "log")
     assert (target / "marker").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sandbox", "x.sif", "x.sif.sha256"]
+
+
+def test_the_hashing_writer_writes_and_hashes_every_chunk_in_order(tmp_path, monkeypatch):
+    """Downloads (registry pulls, the builder's SIF) write and hash on two threads; a resumed
+    download hands in the digest of what the file already holds."""
+    import hashlib
+    import os
+
+    monkeypatch.setattr(files, "FLUSH_BYTES", 1000)
+    synced = []
+    real_fdatasync = os.fdatasync
+    monkeypatch.setattr(files.os, "fdatasync", lambda fd: (synced.append(fd), real_fdatasync(fd)))
+    chunks = [bytes([index]) * (97 + index) for index in range(200)]
+    path = tmp_path / "download"
+    path.write_bytes(b"already here")
+    with open(path, "r+b") as handle:
+        handle.seek(len(b"already here"))
+        with files.HashingWriter(handle, hashlib.sha256(b"already here")) as writer:
+            for chunk in chunks:
+                writer.write(chunk)
+            digest = writer.finish()
+    whole = b"already here" + b"".join(chunks)
+    assert path.read_bytes() == whole
+    assert digest == hashlib.sha256(whole).hexdigest()
+    # flushed every 1000 bytes or so while the chunks arrived, not only at the end
+    assert len(synced) >= len(whole) // 2000
+
+
+def test_the_hashing_writer_gives_a_write_error_to_the_caller(tmp_path):
+    with open(tmp_path / "read-only", "wb") as created:
+        created.write(b"")
+    with open(tmp_path / "read-only", "rb") as handle:
+        with files.HashingWriter(handle) as writer:
+            writer.write(b"x" * 10)
+            with pytest.raises(OSError):
+                writer.finish()

@@ -23,7 +23,6 @@ import io
 import ipaddress
 import json
 import os
-import queue
 import re
 import ssl
 import sys
@@ -37,7 +36,7 @@ from pathlib import Path
 import requests
 
 from .config_values import truthy
-from .files import checksum_line, sha256_file, temporary_sibling, write_text_atomic
+from .files import HashingWriter, checksum_line, sha256_file, temporary_sibling, write_text_atomic
 from .repository import redact_url
 
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
@@ -65,8 +64,6 @@ LOOKUP_WORKERS = 8
 CHUNK = 1 << 20
 MAX_MANIFEST_BYTES = 4 << 20
 PROGRESS_SECONDS = 5
-# a pulled SIF goes to disk in steps of this size while it arrives
-FLUSH_BYTES = 32 << 20
 # the same test aid (and way to share a thin link) as the builder's downloads: bytes per second
 RATE_LIMIT_VARIABLE = "R2S_DOWNLOAD_LIMIT_BPS"
 
@@ -639,72 +636,6 @@ class Progress:
             file=self.stream,
             flush=True,
         )
-
-
-class HashingWriter:
-    """Writes chunks to a file on one thread and hashes them on another, while the caller
-    receives the next ones: receiving, sha256 and writing each take about the time of a
-    loopback transfer here, and all three release the GIL. The writer flushes to disk every
-    FLUSH_BYTES, so the disk works during the transfer instead of all at its end (bench/registry.py)."""
-
-    def __init__(self, handle, depth=32):
-        self.handle = handle
-        self.digest = hashlib.sha256()
-        self.error = None
-        self.workers = [
-            (queue.Queue(maxsize=depth), threading.Thread(target=work, daemon=True)) for work in (self.write_all, self.hash_all)
-        ]
-        for _, thread in self.workers:
-            thread.start()
-
-    def chunks(self, index):
-        return iter(self.workers[index][0].get, None)
-
-    def write_all(self):
-        unflushed = 0
-        for chunk in self.chunks(0):
-            if self.error is None:
-                try:
-                    self.handle.write(chunk)
-                    unflushed += len(chunk)
-                    if unflushed >= FLUSH_BYTES:
-                        self.handle.flush()
-                        os.fdatasync(self.handle.fileno())
-                        unflushed = 0
-                except OSError as error:
-                    self.error = error
-
-    def hash_all(self):
-        for chunk in self.chunks(1):
-            self.digest.update(chunk)
-
-    def write(self, chunk):
-        if self.error:
-            raise self.error
-        for chunks, _ in self.workers:
-            chunks.put(chunk)
-
-    def finish(self):
-        """Wait for what was written, flush it to disk (a SIF that takes its name must be there
-        whole, also after a crash), and give the sha256 (hex)."""
-        self.stop()
-        if self.error:
-            raise self.error
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
-        return self.digest.hexdigest()
-
-    def stop(self):
-        for chunks, thread in self.workers:
-            if thread.is_alive():
-                chunks.put(None)
-                thread.join()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
 
 
 class FileSlice(io.RawIOBase):

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .files import write_json_atomic
+from .files import HashingWriter, write_json_atomic
 from .step import StepError
 from .tools import report_progress, say, tail
 
@@ -525,31 +525,28 @@ class SSHTransport:
             channel = self.client.get_transport().open_session()
             channel.exec_command(remote_command(["tail", "-c", f"+{offset + 1}", "--", remote_path]))
             channel.shutdown_write()
-            with open(partial, "r+b" if offset else "wb") as target:
-                target.seek(offset)
-                while True:
-                    chunk = channel.recv(CHUNK)
-                    if not chunk:
-                        break
-                    target.write(chunk)
-                    digest.update(chunk)
-                    done += len(chunk)
-                    now = time.monotonic()
-                    if limit:
-                        # sleep to stay under the rate, measured from the start of this transfer
-                        ahead = (done - offset) / limit - (now - started)
-                        if ahead > 0:
-                            target.flush()
-                            time.sleep(ahead)
-                            now = time.monotonic()
-                    if now - last_report >= PROGRESS_SECONDS:
-                        target.flush()
-                        line = progress_line(local_path.name, done, size, offset, now - started)
-                        say(line)
-                        self.log(line)
-                        last_report = now
-                target.flush()
-                os.fsync(target.fileno())
+            with open(partial, "r+b" if offset else "wb") as handle:
+                handle.seek(offset)
+                with HashingWriter(handle, digest) as target:
+                    while True:
+                        chunk = channel.recv(CHUNK)
+                        if not chunk:
+                            break
+                        target.write(chunk)
+                        done += len(chunk)
+                        now = time.monotonic()
+                        if limit:
+                            # sleep to stay under the rate, measured from the start of this transfer
+                            ahead = (done - offset) / limit - (now - started)
+                            if ahead > 0:
+                                time.sleep(ahead)
+                                now = time.monotonic()
+                        if now - last_report >= PROGRESS_SECONDS:
+                            line = progress_line(local_path.name, done, size, offset, now - started)
+                            say(line)
+                            self.log(line)
+                            last_report = now
+                    found = target.finish()
             status = channel.recv_exit_status()
             error = channel.recv_stderr(4096).decode("utf-8", "replace")
         if status == -1:  # the channel closed without an exit status: the connection is gone
@@ -558,7 +555,7 @@ class SSHTransport:
             raise StepError(f"builder {self.target.host} could not send {remote_path}: {last_line(error, f'exit status {status}')}")
         if done != size:
             raise StepError(f"download of {remote_path} ended at {done} of {size} bytes; run again to resume")
-        if digest.hexdigest() != remote_sha256:
+        if found != remote_sha256:
             partial.unlink(missing_ok=True)
             meta_path.unlink(missing_ok=True)
             raise StepError(f"the downloaded {local_path.name} does not match the builder's sha256; run again to fetch it anew")
