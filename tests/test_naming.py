@@ -49,5 +49,12 @@ def test_names_that_could_escape_results_are_refused(given):
         check_name(given)
 
 
+@pytest.mark.parametrize("given", ["logs", "benchmarks", "summary.json", "summary.md"])
+def test_names_of_the_workflows_own_files_in_results_are_refused(given):
+    # results/logs/servers/... or results/summary.md would be mixed with an image's folder
+    with pytest.raises(InvalidName, match=f"results/{given} is the workflow's own"):
+        check_name(given)
+
+
 def test_image_tag_has_prefix_name_and_sha():
     assert image_tag("r2s-", "example-abc123", "0" * 40) == "r2s-example-abc123:" + "0" * 40

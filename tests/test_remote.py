@@ -3,6 +3,7 @@ with generated host and client keys) makes this machine the builder, reached thr
 as a remote host would be. Real sshd, Docker, repo2docker and Apptainer; nothing is skipped."""
 
 import getpass
+import hashlib
 import json
 import os
 import re
@@ -60,6 +61,17 @@ def test_remote_command_quotes_every_argument():
     assert shlex.split(line.split(" && ")[0]) == hostile
     printed = subprocess.run(["sh", "-c", line], capture_output=True, text=True, check=True).stdout
     assert printed == " ".join(hostile[1:]) + "\n"
+
+
+def test_checked_while_prints_a_hostile_path_as_it_is(tmp_path):
+    # the path reaches the builder's shell inside a message: it must stay text there
+    marker = tmp_path / "pwned"
+    path = tmp_path / 'a "$(touch pwned)" `touch pwned` it\'s'
+    path.write_text("x")
+    line = ssh_builder.checked_while("true", str(path), "0" * 64, str(tmp_path / "found"))
+    result = subprocess.run(["sh", "-c", line], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode != 0 and not marker.exists()
+    assert result.stdout == f"sha256 of {path}: {hashlib.sha256(b'x').hexdigest()}, not {'0' * 64}\n"
 
 
 def test_settings_default_to_local_and_fill_defaults():

@@ -9,6 +9,7 @@ import urllib.parse
 import escapism
 
 from .repository import SCP_LIKE_PATTERN, has_control_characters, redact_url
+from .results import OWN_ENTRIES
 
 NAME_LIMIT = 63
 HASH_LENGTH = 6
@@ -65,6 +66,8 @@ def check_name(name):
         raise InvalidName(f"name may not contain '/', '\\' or '..': {name!r}")
     if name.startswith(("-", ".")):
         raise InvalidName(f"name may not start with '-' or '.': {name!r}")
+    if name in OWN_ENTRIES:
+        raise InvalidName(f"name {name!r} cannot be used: results/{name} is the workflow's own; choose another name")
     if DOCKER_COMPONENT_PATTERN.fullmatch(name) and len(name) <= NAME_LIMIT:
         return name
     return safe_slug([name], name)

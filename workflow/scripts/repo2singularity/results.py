@@ -7,6 +7,9 @@ from pathlib import Path
 from .files import temporary_sibling
 
 LATEST = "latest"
+# what the workflow itself keeps at the top of results/, beside the images' folders (names
+# starting with "." are refused anyway): no image may be named like them
+OWN_ENTRIES = frozenset({"logs", "benchmarks", "summary.json", "summary.md"})
 
 
 def mark_latest(sif):

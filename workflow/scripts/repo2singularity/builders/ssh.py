@@ -126,7 +126,9 @@ def checked_while(command, path, sha256, found_file):
         f"{{ sha256sum -- {shlex.quote(path)} >{found} 2>&1 & r2s_hasher=$!; }} && "
         # a failed command still waits for the digest, which may be why it failed
         f"{{ {{ {command}; }} || {{ wait \"$r2s_hasher\"; false; }}; }} && wait \"$r2s_hasher\" && "
-        f"read -r r2s_found _ <{found} && {{ [ \"$r2s_found\" = {expected} ] || {{ echo \"sha256 of {shlex.quote(path)[:200]}: $r2s_found, not {expected}\"; false; }}; }}"
+        # the path goes to printf as an argument of its own: inside the message's quotes it would be code
+        f"read -r r2s_found _ <{found} && {{ [ \"$r2s_found\" = {expected} ] || "
+        f"{{ printf 'sha256 of %s: %s, not %s\\n' {shlex.quote(path)} \"$r2s_found\" {expected}; false; }}; }}"
     )
 
 
