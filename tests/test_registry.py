@@ -258,7 +258,7 @@ def test_registry_stopped_mid_pull_leaves_no_partial_sif_and_a_rerun_completes(s
     progress = io.StringIO()
     # a throttled transfer (the builder downloads' own rate limit), so that it is still running
     # when the registry goes away, with more left than the sockets' buffers hold
-    monkeypatch.setattr(registry, "PROGRESS_SECONDS", 0.5)
+    monkeypatch.setattr(registry.client, "PROGRESS_SECONDS", 0.5)
     throttled = {"HOME": "/nonexistent", CREDENTIALS_VARIABLE: f"{USER}:{PASSWORD}", registry.RATE_LIMIT_VARIABLE: "3000000"}
     client = setup.client(environ=throttled, read_timeout=5)
     client.progress = progress
