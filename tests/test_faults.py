@@ -316,7 +316,10 @@ class DockerSocketRelay:
         os.unlink(self.path)
 
 
-def test_docker_engine_gone_mid_build_is_a_clear_error_and_the_rerun_works(tmp_path, repo):
+def test_docker_socket_cut_mid_build_is_a_clear_error_and_the_rerun_works(tmp_path, repo):
+    """The connection to the engine is cut (the relay closes), not the engine stopped: the engine
+    is shared by everything on this machine. To the workflow both look the same: its socket
+    stops answering in the middle of a build."""
     socket_path = tmp_path / "docker.sock"
     relay = DockerSocketRelay(socket_path)
     env = {**os.environ, "DOCKER_HOST": f"unix://{socket_path}"}

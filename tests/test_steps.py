@@ -64,7 +64,10 @@ def test_failing_tool_is_one_line_naming_the_log(tmp_path):
 
 def test_sigterm_while_a_tool_starts_is_held_until_the_tool_can_be_stopped(tmp_path):
     import signal
+    import threading
     import time
+
+    from repo2singularity.processes import group_alive
 
     previous = signal.signal(signal.SIGTERM, steps.stop_on_signal)
     try:
@@ -76,18 +79,22 @@ def test_sigterm_while_a_tool_starts_is_held_until_the_tool_can_be_stopped(tmp_p
         steps.raise_deferred_signal()  # nothing left pending
         steps.DEFERRED["stopping"] = False  # a step stops once; this test stops twice
         started = time.monotonic()
-        marker = tmp_path / "still-running"
-        signal.setitimer(signal.ITIMER_REAL, 0.5)
-        signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+        group = tmp_path / "group"
+
+        def stop_once_the_tool_runs():
+            while not group.exists() or not group.read_text().endswith("\n"):
+                time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=stop_once_the_tool_runs, daemon=True).start()
         with pytest.raises(SystemExit):
-            run_logged(["sh", "-c", f"sleep 5; touch {marker}"], tmp_path / "log", "step")
-        assert time.monotonic() - started < 4
-        time.sleep(5)
-        assert not marker.exists(), "the tool outlived its stopped step"
+            run_logged(["sh", "-c", f"echo $$ >{group}; sleep 30"], tmp_path / "log", "step")
+        assert time.monotonic() - started < 20
+        # the tool leads its own process group: nothing of it may outlive the stopped step
+        assert not group_alive(int(group.read_text())), "the tool outlived its stopped step"
     finally:
         steps.DEFERRED["stopping"] = False
         signal.signal(signal.SIGTERM, previous)
-        signal.signal(signal.SIGALRM, signal.SIG_DFL)
 
 
 def test_a_tool_deaf_to_the_first_sigterm_is_still_stopped_despite_a_second_one(tmp_path):

@@ -247,8 +247,10 @@ def test_a_folder_in_a_system_folder_of_the_root_file_system(accounts, place, od
     result = member.shell('cd "$1" && apptainer exec "$2" true', folder, place["sandbox"])
     assert rootfs_state() == before, "the entry changed the root file system"
     assert machine_mounts_of(ROOTFS, folder) == []
-    if result.returncode != 0:
-        assert len(error_lines(result)) == 1 and str(folder) in result.stderr, result.stderr
+    # the folder is not in the root file system and root makes none: the member is told so, once
+    assert result.returncode != 0 and result.stdout == ""
+    assert len(error_lines(result)) == 1, result.stderr
+    assert result.stderr.startswith(f"apptainer (repo2singularity entry): {folder} is not visible to apptainer here;"), result.stderr
 
 
 def test_a_deleted_working_folder(accounts, place, odd_folder):
@@ -274,20 +276,25 @@ def test_the_member_enters_its_folder_as_itself_not_as_root(accounts, place, odd
     folder = odd_folder(Path(outer) / "open")
     started = member.popen('cd "$1" && exec apptainer exec "$2" sleep 30', folder, place["sandbox"])
     try:
-        deadline = time.monotonic() + 60
-        leaked = ""
-        while started.poll() is None and time.monotonic() < deadline and not leaked:
+        deadline, leaked, slept = time.monotonic() + 60, "", False
+        # look into every process of the member while the run lasts, until sleep runs or it ends
+        while started.poll() is None and not slept:
+            assert time.monotonic() < deadline, "the run neither started sleep nor ended"
+            slept = any(p.name() == "sleep" for p in member.processes())
             pids = [str(p.pid) for p in member.processes() if p.pid != started.pid]
-            probe = member.shell('for pid; do cat "/proc/$pid/cwd/secret" 2>/dev/null; done; true', *pids)
-            leaked = probe.stdout
-            if any(p.name() == "sleep" for p in member.processes()):
-                break
-            time.sleep(0.2)
+            leaked += member.shell('for pid; do cat "/proc/$pid/cwd/secret" 2>/dev/null; done; true', *pids).stdout
+            time.sleep(0.05)
         assert SECRET not in leaked, "a process of the member sits in a folder only root may enter"
     finally:
         for process in member.processes():
             process.kill()
-        started.communicate()
+        _, stderr = started.communicate()
+    # the member may not enter the root file system's copy of the folder, and nothing else
+    # would do: the run ends there, said in one line
+    assert not slept, "apptainer ran in a folder of the root file system that only root may enter"
+    assert started.returncode == 255
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert stderr.startswith(f"apptainer (repo2singularity entry): {folder} is not visible to apptainer here;"), stderr
 
 
 def test_no_setuid_program_or_capability_of_the_root_file_system_works_for_a_member(accounts, place):
