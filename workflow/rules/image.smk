@@ -1,6 +1,6 @@
 try:
     # `builder: local` (the default) or a mapping naming a kind (`ssh`: a host over SSH); see
-    # README "Remote builder" and workflow/scripts/repo2singularity/builders/
+    # docs/remote-builder.md and workflow/scripts/repo2singularity/builders/
     BUILDER = builders.builder_class(config)
 except builders.InvalidBuilder as error:
     fail(str(error))
