@@ -149,6 +149,29 @@ def test_the_parser_reads_snakemake_command_lines():
     assert parse_snakemake(shlex.split("--report r.html --config manifest=m")) == ([], ["manifest"], [])
 
 
+FILE_NAME = re.compile(r"[a-z0-9_./-]+\.(?:py|sh|smk|yaml|yml|tsv|md)")
+PROJECT_FILES = [
+    path.relative_to(PROJECT).as_posix()
+    for path in PROJECT.rglob("*")
+    if not any(part in (".venv", ".git", "results", ".snakemake") for part in path.relative_to(PROJECT).parts)
+]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_files_named_exist(page):
+    """A file a page names in code (`bench/sif.py`, `builders/base.py`) is in the project: by
+    its path from the top, or as the end of one."""
+    codes = INLINE_CODE.findall(FENCE.sub("", text_of(page)))
+    # what runs make (results/...) is no file of the project
+    named = {code for code in codes if FILE_NAME.fullmatch(code) and not code.startswith("results/")}
+    missing = sorted(
+        name
+        for name in named
+        if not (PROJECT / name).exists() and not any(f.endswith("/" + name.lstrip("./")) for f in PROJECT_FILES)
+    )
+    assert not missing, f"{page.name} names files the project does not have: {missing}"
+
+
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
 def test_snakemake_commands_name_real_targets_and_settings(page):
     commands = list(snakemake_commands(page))
