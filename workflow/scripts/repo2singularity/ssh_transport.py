@@ -38,7 +38,8 @@ RATE_LIMIT_VARIABLE = "R2S_DOWNLOAD_LIMIT_BPS"
 
 @dataclass(frozen=True)
 class SSHTarget:
-    """Where to log in, and how the host is recognised."""
+    """Where to log in, and how the host is recognised. `role` names the host in messages
+    (e.g. "builder"): what it is to the user, not how it is reached."""
 
     host: str
     port: int
@@ -46,6 +47,7 @@ class SSHTarget:
     key_file: str
     known_hosts: str
     trust_unknown_host: bool
+    role: str = "host"
 
     @property
     def login(self):
@@ -56,6 +58,11 @@ class SSHTarget:
     @property
     def display(self):
         return f"{self.login}@{self.host}:{self.port}"
+
+    @property
+    def named(self):
+        """The host as messages name it, e.g. `builder ci@build.example.org:22`."""
+        return f"{self.role} {self.display}"
 
     def describe(self):
         """What a receipt records about the host: where, never how to log in."""
@@ -119,11 +126,11 @@ def fingerprint(key):
 def describe_connect_error(target, error):
     import paramiko
 
-    where = f"builder {target.display}"
+    where = target.named
     if isinstance(error, paramiko.BadHostKeyException):
         return (
             f"{where}: the host key CHANGED (known_hosts {target.known_hosts} has another key); "
-            "if the builder was reinstalled, remove its old line from known_hosts"
+            f"if the {target.role} was reinstalled, remove its old line from known_hosts"
         )
     if isinstance(error, UnknownHostKey):
         return (
@@ -134,7 +141,7 @@ def describe_connect_error(target, error):
         return f"{where}: the key {target.key_file} has a passphrase; load it into ssh-agent and leave key_file empty"
     if isinstance(error, paramiko.AuthenticationException):
         how = f"key {target.key_file}" if target.key_file else "the agent's keys and ~/.ssh/id_*"
-        return f"{where}: the builder refused {how} for user {target.login}"
+        return f"{where}: the {target.role} refused {how} for user {target.login}"
     if isinstance(error, paramiko.SSHException) and "No authentication methods available" in str(error):
         return (
             f"{where}: no key to offer: key_file is empty, no ssh-agent answers (SSH_AUTH_SOCK) and there is "
@@ -163,7 +170,7 @@ def host_key_policy(target, known_hosts):
             known_hosts.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             with open(known_hosts, "a") as handle:
                 handle.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
-            say(f"  builder {target.display}: trusted new host key {fingerprint(key)}")
+            say(f"  {target.named}: trusted new host key {fingerprint(key)}")
 
     return Policy()
 
@@ -292,7 +299,7 @@ class SSHTransport:
             client.close()
             raise StepError(describe_connect_error(target, error)) from None
         self.client = client
-        self.log(f"connected to builder {target.display} ({client.get_transport().remote_cipher})")
+        self.log(f"connected to {target.named} ({client.get_transport().remote_cipher})")
         threading.Thread(target=self.watch, args=(client.get_transport(),), daemon=True).start()
         return self
 
@@ -308,7 +315,7 @@ class SSHTransport:
         while not self.closing.wait(QUIET_SECONDS) and transport.is_active():
             if not self.answers(transport, REPLY_SECONDS) and not self.closing.is_set():
                 self.silent = True
-                self.log(f"builder {self.target.display} has not answered a keepalive for {REPLY_SECONDS} s: closing the connection")
+                self.log(f"{self.target.named} has not answered a keepalive for {REPLY_SECONDS} s: closing the connection")
                 transport.close()
                 return
 
@@ -330,10 +337,10 @@ class SSHTransport:
         """The one line for a connection that failed while `doing`."""
         if self.silent:
             return StepError(
-                f"{doing}: builder {self.target.display} has not answered a keepalive for {REPLY_SECONDS} s "
+                f"{doing}: {self.target.named} has not answered a keepalive for {REPLY_SECONDS} s "
                 "(the network is gone?); run again"
             )
-        return StepError(f"the connection to builder {self.target.display} failed while {doing}{f': {detail}' if detail else ''}; run again")
+        return StepError(f"the connection to {self.target.named} failed while {doing}{f': {detail}' if detail else ''}; run again")
 
     def connected(self):
         transport = self.client.get_transport() if self.client else None
@@ -346,7 +353,7 @@ class SSHTransport:
         """The account's home folder on the other side."""
         home = self.check_output("printf '%s\\n' \"$HOME\"", "resolving the home folder").strip()
         if not home.startswith("/"):
-            raise StepError(f"builder {self.target.display}: the account has no home folder")
+            raise StepError(f"{self.target.named}: the account has no home folder")
         return home
 
     def capture(self, command, timeout=120):
@@ -361,7 +368,7 @@ class SSHTransport:
     def check_output(self, command, what):
         status, out, err = self.capture(command)
         if status != 0:
-            raise StepError(f"builder {self.target.display}: {what} failed: {last_line(err or out, f'exit status {status}')}")
+            raise StepError(f"{self.target.named}: {what} failed: {last_line(err or out, f'exit status {status}')}")
         return out
 
     def run_logged(self, command, log_path, step):
@@ -405,7 +412,7 @@ class SSHTransport:
         if status == -1:
             raise self.lost(step, "the connection was lost")
         if status != 0:
-            raise StepError(f"{step} failed on builder {self.target.host} (exit status {status}); see {log_path}:\n{tail(log_path)}")
+            raise StepError(f"{step} failed on {self.target.role} {self.target.host} (exit status {status}); see {log_path}:\n{tail(log_path)}")
         say(f"  {step}: done on {self.target.host} in {time.monotonic() - started:.0f} s")
 
     def stop_remote(self, pgid):
@@ -454,7 +461,7 @@ class SSHTransport:
                 output += chunk[: 4096 - len(output)]
             status = channel.recv_exit_status()
         if status != 0:
-            raise StepError(f"builder {self.target.display}: writing {remote_path} failed: {last_line(output.decode('utf-8', 'replace'), f'exit status {status}')}")
+            raise StepError(f"{self.target.named}: writing {remote_path} failed: {last_line(output.decode('utf-8', 'replace'), f'exit status {status}')}")
 
     def send_folder(self, folder, remote_folder):
         """Put a copy of a local folder at `remote_folder` (replacing what is there): packed as a
@@ -486,7 +493,7 @@ class SSHTransport:
         if status == -1:
             raise self.lost(doing, "the connection was lost")
         if status != 0:
-            raise StepError(f"builder {self.target.display}: unpacking the source in {remote_folder} failed: {last_line(output, f'exit status {status}')}")
+            raise StepError(f"{self.target.named}: unpacking {folder} in {remote_folder} failed: {last_line(output, f'exit status {status}')}")
 
     def download(self, remote_path, local_path, remote_sha256, after_rename=None):
         """Bring a remote file to `local_path`: into a dot-partial file beside it, resumed from
@@ -497,7 +504,7 @@ class SSHTransport:
         meta_path = partial.with_name(partial.name + ".json")
         size = self.stat(remote_path)
         if size is None:
-            raise StepError(f"builder {self.target.host} has no {remote_path}")
+            raise StepError(f"{self.target.role} {self.target.host} has no {remote_path}")
         try:
             meta = json.loads(meta_path.read_text())
         except (OSError, ValueError):
@@ -552,13 +559,13 @@ class SSHTransport:
         if status == -1:  # the channel closed without an exit status: the connection is gone
             raise self.lost(f"downloading {remote_path}", f"at {done / 1e6:.1f} of {size / 1e6:.1f} MB (a rerun resumes)")
         if status != 0:
-            raise StepError(f"builder {self.target.host} could not send {remote_path}: {last_line(error, f'exit status {status}')}")
+            raise StepError(f"{self.target.role} {self.target.host} could not send {remote_path}: {last_line(error, f'exit status {status}')}")
         if done != size:
             raise StepError(f"download of {remote_path} ended at {done} of {size} bytes; run again to resume")
         if found != remote_sha256:
             partial.unlink(missing_ok=True)
             meta_path.unlink(missing_ok=True)
-            raise StepError(f"the downloaded {local_path.name} does not match the builder's sha256; run again to fetch it anew")
+            raise StepError(f"the downloaded {local_path.name} does not match the {self.target.role}'s sha256; run again to fetch it anew")
         os.chmod(partial, 0o644)
         os.replace(partial, local_path)
         meta_path.unlink(missing_ok=True)

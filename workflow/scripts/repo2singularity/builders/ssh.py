@@ -68,6 +68,7 @@ class SSHBuilderSettings:
             key_file=str(values["key_file"]),
             known_hosts=str(values["known_hosts"]),
             trust_unknown_host=truthy(values["trust_unknown_host"]),
+            role="builder",
         )
         return cls(
             target=target,
