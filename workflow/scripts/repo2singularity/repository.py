@@ -206,8 +206,9 @@ def check_ref(ref):
     return ref
 
 
-def run_git(args, repository, cwd=None):
-    """Run git; on failure raise its last error line, with credentials removed."""
+def run_git(args, repository, cwd=None, env=None):
+    """Run git; on failure raise its last error line, with credentials removed. `env`: the
+    environment to run it in (git_environment() by default), e.g. with a credential helper."""
     try:
         result = subprocess.run(
             ["git", *args],
@@ -215,7 +216,7 @@ def run_git(args, repository, cwd=None):
             text=True,
             errors="replace",
             cwd=cwd,
-            env=git_environment(),
+            env=env or git_environment(),
             timeout=GIT_TIMEOUT_SECONDS,
         )
     except subprocess.TimeoutExpired:
@@ -230,9 +231,9 @@ def run_git(args, repository, cwd=None):
     return result.stdout
 
 
-def list_remote_refs(repository):
+def list_remote_refs(repository, env=None):
     """Refs the repository advertises, and the branch its HEAD points to."""
-    output = run_git(["ls-remote", "--symref", "--", repository.url], repository)
+    output = run_git(["ls-remote", "--symref", "--", repository.url], repository, env=env)
     refs = {}
     head_branch = ""
     for line in output.splitlines():
@@ -250,10 +251,10 @@ class ResolvedRef:
     ref: str
 
 
-def resolve_ref(repository, ref, cache_dir=None):
+def resolve_ref(repository, ref, cache_dir=None, env=None):
     """The commit a ref names: branch, tag (its commit, not the tag object), sha, or HEAD."""
     ref = check_ref(ref)
-    refs, head_branch = list_remote_refs(repository)
+    refs, head_branch = list_remote_refs(repository, env)
     if ref in ("", "HEAD"):
         if "HEAD" not in refs:
             raise RepositoryError(f"{repository.shown_url} has no default branch (empty?)")
