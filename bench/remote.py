@@ -10,6 +10,8 @@ only ratios taken in the same run mean anything):
 An sshd of the benchmark's own runs as this account on 127.0.0.1 (as in tests/test_remote.py).
 Run it as the account that runs the workflow:
     .venv/bin/python bench/remote.py [--repeat N] [--chains N] [--size-mb 300] [--repo tiny|example] [--sif-conversion fast|apptainer]
+With `--against CHECKOUT` (another checkout of the project, e.g. main's), the chains also run that
+checkout's workflow over SSH, in the same rounds: a change's before and after from one run.
 """
 
 import argparse
@@ -79,13 +81,14 @@ def empty_docker_cache(tag):
     quiet(["docker", "builder", "prune", "--all", "--force"])
 
 
-def chain(lab, repo, sha, mode, round_number, sif_conversion):
+def chain(lab, repo, sha, mode, round_number, sif_conversion, against=None):
     """Seconds of a cold chain, and each step's seconds from the workflow's own benchmark files."""
-    workdir = lab["base"] / f"chain-{mode}-{round_number}"
+    workdir = lab["base"] / f"chain-{mode.split()[0]}-{round_number}"
     workdir.mkdir()
-    command = [BIN / "snakemake", "--snakefile", PROJECT / "Snakefile", "--directory", workdir, "--cores", "2", "build",
+    project = against if mode == "remote (against)" else PROJECT
+    command = [BIN / "snakemake", "--snakefile", project / "Snakefile", "--directory", workdir, "--cores", "2", "build",
                "--config", f"repo={repo.path}", "ref=main", "name=bench", f"sif_conversion={sif_conversion}"]
-    if mode == "remote":
+    if mode.startswith("remote"):
         command += ["--configfile", builder_config(lab, workdir)]
     empty_docker_cache(f"r2s-bench:{sha}")
     started = time.monotonic()
@@ -107,6 +110,7 @@ def main():
                         help="tiny: FROM debian:bookworm + 24 MB of random bytes; example: the bundled Jupyter example")
     parser.add_argument("--only", choices=("transfer", "chain"), help="run one part only")
     parser.add_argument("--sif-conversion", choices=("fast", "apptainer"), default="fast", help="the chains' SIF conversion")
+    parser.add_argument("--against", type=Path, help="another checkout whose workflow also runs the remote chain, in the same rounds")
     args = parser.parse_args()
 
     base = Path(tempfile.mkdtemp(prefix="r2s-bench-remote-"))
@@ -148,22 +152,26 @@ def run_chains(lab, base, args):
     else:
         repo.commit("tiny", {"Dockerfile": "FROM debian:bookworm\nRUN head -c 24000000 /dev/urandom > /blob\n"})
     sha = repo.head()
-    results = {"local": [], "remote": []}
-    steps = {"local": [], "remote": []}
+    modes = ("local", "remote", "remote (against)") if args.against else ("local", "remote")
+    results = {mode: [] for mode in modes}
+    steps = {mode: [] for mode in modes}
     for round_number in range(args.chains):
-        for mode in ("local", "remote"):
-            seconds, step_seconds = chain(lab, repo, sha, mode, round_number, args.sif_conversion)
+        for mode in modes if round_number % 2 == 0 else reversed(modes):
+            seconds, step_seconds = chain(lab, repo, sha, mode, round_number, args.sif_conversion, args.against)
             results[mode].append(seconds)
             steps[mode].append(step_seconds)
-    local, remote = (statistics.median(results[m]) for m in ("local", "remote"))
+            print(f"   round {round_number + 1}, {mode}: {seconds:.1f} s", flush=True)
+    medians = {mode: statistics.median(results[mode]) for mode in modes}
     print(f"\n2. cold chain (resolve -> SIF), repo {args.repo}, {RUNTIME}, {args.sif_conversion} SIF conversion, median of {args.chains}:")
-    for mode in ("local", "remote"):
-        print(f"   {mode:8s} {statistics.median(results[mode]):7.1f} s   ({', '.join(f'{t:.1f}' for t in results[mode])})")
-    print(f"   ratio remote / local: {remote / local:.2f} (goal <= 1.15)")
+    for mode in modes:
+        print(f"   {mode:16s} {medians[mode]:7.1f} s   ({', '.join(f'{t:.1f}' for t in results[mode])})")
+    print(f"   ratio remote / local: {medians['remote'] / medians['local']:.2f} (goal <= 1.10)")
+    if args.against:
+        print(f"   ratio remote ({args.against}) / local: {medians['remote (against)'] / medians['local']:.2f}")
     print("   each step, median (the workflow's benchmark files):")
     for step in sorted({name for runs in steps.values() for run in runs for name in run}):
-        medians = [statistics.median(run.get(step, 0.0) for run in steps[mode]) for mode in ("local", "remote")]
-        print(f"     {step:16s} local {medians[0]:6.1f} s   remote {medians[1]:6.1f} s")
+        values = "   ".join(f"{mode} {statistics.median(run.get(step, 0.0) for run in steps[mode]):6.1f} s" for mode in modes)
+        print(f"     {step:16s} {values}")
 
 
 if __name__ == "__main__":

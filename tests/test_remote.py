@@ -74,6 +74,53 @@ def test_checked_while_prints_a_hostile_path_as_it_is(tmp_path):
     assert result.stdout == f"sha256 of {path}: {hashlib.sha256(b'x').hexdigest()}, not {'0' * 64}\n"
 
 
+def fake_docker(folder, script):
+    (folder / "docker").write_text("#!/bin/sh\n" + script)
+    (folder / "docker").chmod(0o755)
+    return {**os.environ, "PATH": f"{folder}:{os.environ['PATH']}"}
+
+
+def test_saved_while_hashed_names_the_tarball_and_its_digest_only_when_docker_and_tee_did_their_part(tmp_path):
+    env = fake_docker(tmp_path, "head -c 3000000 /dev/zero\n")
+    folder = tmp_path / "w o"
+    tarball, digest = folder / "image.tar", folder / "image.tar.sha256"
+    line = ssh_builder.saved_while_hashed("r2s-x:abc", str(folder), f"{tarball}.partial", str(tarball), str(digest))
+    subprocess.run(["sh", "-c", line], check=True, env=env)
+    assert digest.read_text().split()[0] == hashlib.sha256(tarball.read_bytes()).hexdigest() == hashlib.sha256(bytes(3000000)).hexdigest()
+    for broken, how in (("exit 1", "docker fails"), ("head -c 100 /dev/zero; exit 1", "docker fails midway")):
+        tarball.unlink(missing_ok=True)
+        digest.unlink(missing_ok=True)
+        env = fake_docker(tmp_path, broken + "\n")
+        assert subprocess.run(["sh", "-c", line], env=env).returncode != 0, how
+        assert not tarball.exists() and not digest.exists(), how
+    # tee cannot write the tarball: a folder stands where the partial file goes
+    env = fake_docker(tmp_path, "head -c 100 /dev/zero\n")
+    Path(f"{tarball}.partial").unlink(missing_ok=True)
+    Path(f"{tarball}.partial").mkdir()
+    assert subprocess.run(["sh", "-c", line], env=env, capture_output=True).returncode != 0
+    assert not tarball.exists() and not digest.exists()
+
+
+def test_ask_script_answers_each_question_with_its_status_and_keeps_paths_text(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / 'a "$(touch pwned)" `touch pwned` it\'s'
+    path.write_text("12 words")
+    line = ssh_builder.ask_script({"there": ["cat", "--", str(path)], "gone": ["cat", "--", str(tmp_path / "none")], "size": ["stat", "-c", "%s", "--", str(path)]})
+    found = ssh_builder.parse_checks(subprocess.run(["sh", "-c", line], capture_output=True, text=True, cwd=tmp_path).stdout)
+    assert not marker.exists()
+    assert ssh_builder.answer(found, "there") == "12 words" and ssh_builder.first_word(ssh_builder.answer(found, "there")) == "12"
+    assert ssh_builder.answer(found, "gone") is None and found["gone"][0] != 0
+    assert ssh_builder.answer(found, "size") == "8"
+
+
+def test_preflight_expands_a_workdir_under_home_on_the_builder(tmp_path):
+    line = ssh_builder.preflight_script(ssh_settings({"host": "h"}), "~/it's here", ())
+    out = subprocess.run(["sh", "-c", line], capture_output=True, text=True, env={**os.environ, "HOME": str(tmp_path)}).stdout
+    checks = ssh_builder.parse_checks(out)
+    assert checks["home"] == (0, str(tmp_path)) and checks["space"][0] == 0
+    assert (tmp_path / "it's here").is_dir()
+
+
 def test_settings_default_to_local_and_fill_defaults():
     assert builders.kind_of({}) == "local" and builders.kind_of({"builder": "local"}) == "local"
     assert builders.builder_class(validated({})).kind == "local"

@@ -495,14 +495,14 @@ class SSHTransport:
         if status != 0:
             raise StepError(f"{self.target.named}: unpacking {folder} in {remote_folder} failed: {last_line(output, f'exit status {status}')}")
 
-    def download(self, remote_path, local_path, remote_sha256, after_rename=None):
+    def download(self, remote_path, local_path, remote_sha256, after_rename=None, size=None):
         """Bring a remote file to `local_path`: into a dot-partial file beside it, resumed from
         that file when an earlier transfer was cut, checked against the other side's sha256,
-        then renamed into place."""
+        then renamed into place. `size`: the remote file's, when the caller already asked."""
         local_path = Path(local_path)
         partial = local_path.with_name(f".{local_path.name}.partial")
         meta_path = partial.with_name(partial.name + ".json")
-        size = self.stat(remote_path)
+        size = self.stat(remote_path) if size is None else size
         if size is None:
             raise StepError(f"{self.target.role} {self.target.host} has no {remote_path}")
         try:

@@ -89,6 +89,7 @@ def remote_paths(workdir, name, sha):
         "source": posixpath.join(folder, "source"),
         "tarball": posixpath.join(folder, "image.tar"),
         "tarball_digest": posixpath.join(folder, "image.tar.found-sha256"),
+        "tarball_sha256": posixpath.join(folder, "image.tar.sha256"),
         "sif": posixpath.join(folder, f"{name}.sif"),
         "checksum": posixpath.join(folder, f"{name}.sif.sha256"),
         "build_slots": posixpath.join(workdir, ".build-slots"),
@@ -131,6 +132,50 @@ def checked_while(command, path, sha256, found_file):
         f"read -r r2s_found _ <{found} && {{ [ \"$r2s_found\" = {expected} ] || "
         f"{{ printf 'sha256 of %s: %s, not %s\\n' {shlex.quote(path)} \"$r2s_found\" {expected}; false; }}; }}"
     )
+
+
+def saved_while_hashed(tag, folder, partial, tarball, digest_file):
+    """`docker save` into `tarball`, its sha256 into `digest_file` as it is written (a second
+    read of the tarball would cost the chain as long again as writing it): a pipe through tee
+    into sha256sum. A pipeline's status is its last command's, so docker and tee each leave a
+    mark when they fail; the tarball and its digest take their names only when neither did."""
+    failed = shlex.quote(partial + ".failed")
+    quoted_partial, quoted_digest = shlex.quote(partial), shlex.quote(digest_file)
+    return (
+        remote_command(["mkdir", "-p", "--", folder], ["rm", "-f", "--", partial + ".failed"])
+        + f" && {{ {shlex.join(['docker', 'save', tag])} || : >{failed}; }}"
+        + f" | {{ tee -- {quoted_partial} || : >{failed}; }}"
+        + f" | sha256sum >{quoted_digest}.partial && [ ! -e {failed} ] && "
+        + remote_command(["mv", "-f", "--", partial, tarball], ["mv", "-f", "--", digest_file + ".partial", digest_file])
+    )
+
+
+def ask_script(questions):
+    """One shell line that runs `questions` ({name: argument list}) one after the other and prints
+    each one's output and exit status between markers (parse_checks reads them): several small
+    questions in one round trip."""
+    return "; ".join(
+        f"printf '@@check %s\\n' {name}; {{ {remote_command(command)}; }} 2>&1; printf '\\n@@rc %s\\n' \"$?\""
+        for name, command in questions.items()
+    )
+
+
+def answer(checks, name):
+    """The output of a question of ask_script's that succeeded, else None."""
+    status, text = checks.get(name, (1, ""))
+    return text if status == 0 else None
+
+
+def first_word(text):
+    words = (text or "").split()
+    return words[0] if words else None
+
+
+def conversion_script_path(paths):
+    """Where archive_to_sif.py goes on the builder: under a name of its content, so it is sent
+    once per version."""
+    digest = hashlib.sha256(runtime.ARCHIVE_TO_SIF.read_bytes()).hexdigest()[:16]
+    return posixpath.join(paths["tools"], f"archive_to_sif.{digest}.py")
 
 
 def check_tarball_receipt(receipt, found, receipt_path):
@@ -235,9 +280,19 @@ def version_of(text):
     return (int(found[1]), int(found[2])) if found else (0, 0)
 
 
+def shell_path(path):
+    """`path` as a word of the remote shell, with a leading `~` its $HOME (quoted otherwise)."""
+    if path == "~":
+        return '"$HOME"'
+    if path.startswith("~/"):
+        return '"$HOME"/' + shlex.quote(path[2:])
+    return shlex.quote(path)
+
+
 def preflight_script(settings, workdir, needs=TOOLS):
     """One shell line that runs the checks `needs` names at once (each tool's start-up, such as
-    repo2docker's Python, is paid in parallel) and prints them in order between markers."""
+    repo2docker's Python, is paid in parallel) and prints them in order between markers, with the
+    account's home folder (a `~` in workdir is the remote shell's to expand: no round trip)."""
     checks = [
         ("docker", ["docker", "version", "--format", "{{.Server.Version}}"]),
         ("buildx", ["docker", "buildx", "version"]),
@@ -250,7 +305,9 @@ def preflight_script(settings, workdir, needs=TOOLS):
         ("mksquashfs", ["mksquashfs", "-version"]),
     ]
     commands = [(name, shlex.join(command)) for name, command in checks if name.split("_")[0] in needs]
-    commands.append(("space", remote_command(["mkdir", "-p", "--", workdir], ["df", "-Pk", "--", workdir])))
+    folder = shell_path(workdir)
+    commands.append(("space", f"mkdir -p -- {folder} && df -Pk -- {folder}"))
+    commands.append(("home", "printf '%s\\n' \"$HOME\""))
     started = " ".join(f'{{ {{ {command}; }} >"$r2s_checks/{name}" 2>&1; echo $? >"$r2s_checks/{name}.rc"; }} &' for name, command in commands)
     names = " ".join(name for name, _ in commands)
     return (
@@ -284,8 +341,6 @@ class BuilderSession:
     def __enter__(self):
         self.transport.connect()
         try:
-            if self.workdir.startswith("~"):
-                self.workdir = expand_home(self.workdir, self.transport.home())
             self.versions = self.preflight()
         except BaseException:
             self.transport.close()
@@ -302,6 +357,11 @@ class BuilderSession:
         """Raises StepError with one line per problem; the versions found go into the log."""
         _, out, _ = self.transport.capture(preflight_script(self.settings, self.workdir, self.needs))
         checks = parse_checks(out)
+        if self.workdir.startswith("~"):
+            home = checks.get("home", (1, ""))[1].strip()
+            if not home.startswith("/"):
+                raise StepError(f"builder {self.settings.target.display}: the account has no home folder")
+            self.workdir = expand_home(self.workdir, home)
         problems = preflight_problems(self.settings, self.workdir, checks, self.needs)
         if problems:
             self.transport.log("\n".join(problems))
@@ -310,7 +370,7 @@ class BuilderSession:
         versions = {
             name: text.splitlines()[0] if name == "mksquashfs" and text else last_line(text)
             for name, (_, text) in checks.items()
-            if name not in ("space", "runtime_build_help")
+            if name not in ("space", "runtime_build_help", "home")
         }
         versions["free_gb"] = round(parse_df(checks["space"][1]) / 1e6, 1)
         if "runtime_build_help" in checks:
@@ -321,6 +381,10 @@ class BuilderSession:
     def run(self, command):
         """A quick command there: (exit status, stdout, stderr)."""
         return self.transport.capture(remote_command(command))
+
+    def ask(self, **questions):
+        """Several quick commands there in one round trip: {name: (exit status, output)}."""
+        return parse_checks(self.transport.capture(ask_script(questions))[1])
 
     def docker_step(self, command, step):
         """A Docker step there; if it fails because the engine there is gone, say so."""
@@ -398,7 +462,8 @@ class SSHBuilder(Builder):
                 builder.transport.log(f"  some stay: {last_line(err or out)}")
 
     def save_image(self, name, sha, receipt, saved):
-        """docker save on the builder; the tarball stays there and a receipt names it here."""
+        """docker save on the builder, hashed as it is written; the tarball stays there and a
+        receipt names it here."""
         image = json.loads(Path(receipt).read_text())
         with self.session("save_image") as builder:
             details = builder.inspect(image["tag"])
@@ -406,15 +471,13 @@ class SSHBuilder(Builder):
             paths = builder.paths(name, sha)
             partial = paths["tarball"] + ".partial"
             builder.docker_step(
-                remote_command(
-                    ["mkdir", "-p", "--", paths["folder"]],
-                    ["docker", "save", "--output", partial, image["tag"]],
-                    ["mv", "-f", "--", partial, paths["tarball"]],
-                ),
+                saved_while_hashed(image["tag"], paths["folder"], partial, paths["tarball"], paths["tarball_sha256"]),
                 "save_image (docker save)",
             )
-            size = builder.transport.stat(paths["tarball"])
-            digest = builder.transport.sha256(paths["tarball"])
+            found = builder.ask(size=["stat", "-L", "-c", "%s", "--", paths["tarball"]], sha256=["cat", "--", paths["tarball_sha256"]])
+            size_text = (answer(found, "size") or "").strip()
+            size = int(size_text) if size_text.isdigit() else None
+            digest = ((answer(found, "sha256") or "").split() or [None])[0]
             if size is None or digest is None:
                 raise StepError(f"docker save finished but builder {self.settings.target.host} has no {paths['tarball']}")
             write_json_atomic(
@@ -435,25 +498,32 @@ class SSHBuilder(Builder):
         tarball = json.loads(Path(saved).read_text())
         with self.session("build_sif") as builder:
             paths = builder.paths(name, sha)
-            digest = self.finished_sif(builder, paths)
-            if digest is None:
-                self.make_sif(builder, paths, tarball, saved)
-                digest = self.finished_sif(builder, paths)
-                if digest is None:
-                    raise StepError(f"the SIF built on builder {self.settings.target.host} has no checksum")
+            # each round trip costs a few tens of ms: the small questions go together
+            script = conversion_script_path(paths) if self.conversion == "fast" else None
+            questions = {"checksum": ["cat", "--", paths["checksum"]], "tarball": ["stat", "-L", "-c", "%s", "--", tarball["path"]]}
+            found = builder.ask(**questions, **({"script": ["test", "-e", script]} if script else {}))
+            if first_word(answer(found, "checksum")) is None:
+                size = answer(found, "tarball")
+                self.make_sif(builder, paths, tarball, saved, int(size) if size and size.strip().isdigit() else None, script, answer(found, "script") is not None)
             # the tarball is no longer needed once the SIF exists
-            builder.run(["rm", "-f", "--", tarball["path"]])
+            found = builder.ask(checksum=questions["checksum"], removed=["rm", "-f", "--", tarball["path"]], size=["stat", "-L", "-c", "%s", "--", paths["sif"]])
+            digest = first_word(answer(found, "checksum"))
+            if digest is None:
+                raise StepError(f"the SIF built on builder {self.settings.target.host} has no checksum")
+            size = (answer(found, "size") or "").strip()
             # the checksum comes last: it marks a finished SIF
-            builder.transport.download(paths["sif"], sif, digest, after_rename=lambda: write_text_atomic(checksum, checksum_line(digest, sif)))
+            builder.transport.download(
+                paths["sif"], sif, digest, after_rename=lambda: write_text_atomic(checksum, checksum_line(digest, sif)), size=int(size) if size.isdigit() else None
+            )
             # here and verified: nothing of this build is needed on the builder any more
             builder.run(["rm", "-rf", "--", paths["folder"]])
 
-    def make_sif(self, builder, paths, tarball, saved):
-        size = builder.transport.stat(tarball["path"])
+    def make_sif(self, builder, paths, tarball, saved, size, script, script_there):
         check_tarball_receipt(tarball, None if size is None else {"size": size}, saved)
         fast = self.conversion == "fast"
         compression = runtime.choose_compression(self.compression_setting, fast or builder.versions["mksquashfs_args"])
-        script = self.send_conversion(builder, paths) if fast else None
+        if fast and not script_there:
+            builder.transport.put_file(runtime.ARCHIVE_TO_SIF.read_bytes(), script)
         partial = paths["sif"] + ".partial"
         convert = runtime.conversion_command(self.conversion, self.settings.runtime, compression, partial, tarball["path"], self.settings.python, script)
         build = remote_command(["rm", "-f", "--", partial], convert)
@@ -480,21 +550,6 @@ class SSHBuilder(Builder):
             if found and found[0] != tarball["sha256"]:
                 check_tarball_receipt(tarball, {"size": size, "sha256": found[0]}, saved)
             raise
-
-    @staticmethod
-    def send_conversion(builder, paths):
-        """archive_to_sif.py on the builder, under a name of its content (sent once per version)."""
-        data = runtime.ARCHIVE_TO_SIF.read_bytes()
-        script = posixpath.join(paths["tools"], f"archive_to_sif.{hashlib.sha256(data).hexdigest()[:16]}.py")
-        if not builder.transport.existing([script]):
-            builder.transport.put_file(data, script)
-        return script
-
-    @staticmethod
-    def finished_sif(builder, paths):
-        """The sha256 of a SIF already built on the builder, or None."""
-        found = (builder.transport.read_text(paths["checksum"]) or "").split()
-        return found[0] if found else None
 
     def readiness(self):
         with self.session("check_builder") as builder:
