@@ -2,6 +2,7 @@ try:
     # `builder: local` (the default) or a mapping naming a kind (`ssh`: a host over SSH); see
     # docs/remote-builder.md and workflow/scripts/repo2singularity/builders/
     BUILDER = builders.builder_class(config)
+    BUILDER.prepare_run(config, os.environ)
 except builders.InvalidBuilder as error:
     fail(str(error))
 
@@ -26,6 +27,8 @@ rule build_image:
         user_name=settings.user_name,
         user_id=settings.user_id,
         extra_args=lambda wildcards: get_build(wildcards).repo2docker_args,
+        # an object, not the URL (see clone_source): a builder that fetches the commit itself needs it
+        repository=lambda wildcards: get_build(wildcards).repository,
     script:
         f"{SCRIPTS}/build_image.py"
 

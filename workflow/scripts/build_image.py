@@ -13,6 +13,7 @@ spec = ImageSpec(
     user_id=snakemake.params.user_id,
     subdir=snakemake.params.subdir,
     repo2docker_args=tuple(snakemake.params.extra_args),
+    repository=snakemake.params.repository,
 )
 run_step(
     "build_image",

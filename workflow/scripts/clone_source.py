@@ -1,10 +1,18 @@
 """Rule clone_source: check out exactly the resolved commit."""
 
+from pathlib import Path
+
 from repo2singularity.repository import RepositoryError, clone_logged
 from repo2singularity.step import StepError, run_step
 
 
 def clone():
+    if snakemake.params.fetched_by:
+        # the builder (a build service) fetches the commit itself
+        Path(snakemake.output.source).mkdir(parents=True, exist_ok=True)
+        with open(snakemake.log[0], "a") as log:
+            log.write(f"not cloned here: the {snakemake.params.fetched_by} builder fetches {snakemake.wildcards.sha} itself\n")
+        return
     try:
         clone_logged(snakemake.params.repository, snakemake.wildcards.sha, snakemake.output.source, snakemake.log[0])
     except RepositoryError as error:

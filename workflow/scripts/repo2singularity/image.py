@@ -1,7 +1,7 @@
 """The Docker image a builder makes: what repo2docker is told, and what image.json records."""
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 LABEL_PREFIX = "repo2singularity"
 
@@ -18,6 +18,9 @@ class ImageSpec:
     user_id: int | None = None
     subdir: str = ""
     repo2docker_args: tuple = ()
+    # the repository.Repository, for a builder that fetches the commit itself; its URL may hold
+    # credentials, so it is left out of the spec's repr
+    repository: object = field(default=None, repr=False, compare=False)
 
 
 def image_labels(display_url, ref, sha, subdir=""):

@@ -8,7 +8,6 @@ text pasted in. No password is ever asked for or stored: keys or the agent only.
 
 import base64
 import hashlib
-import json
 import logging
 import os
 import posixpath
@@ -19,12 +18,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .files import HashingWriter, write_json_atomic
+# RATE_LIMIT_VARIABLE (a test aid, and a way to share a thin link), progress_line, resume_offset:
+# tests and bench name them from here
+from .downloads import RATE_LIMIT_VARIABLE, Download, progress_line, resume_offset  # noqa: F401
 from .step import StepError
 from .tools import report_progress, say, tail
 
 CONNECT_TIMEOUT_SECONDS = 15
-PROGRESS_SECONDS = 5
 # a connection whose network dies without a word (no FIN, no RST) would keep a step waiting for
 # hours, in any call that waits for the other side: every QUIET_SECONDS it is asked for a reply,
 # and a connection whose other side gives none within REPLY_SECONDS is closed, which ends every
@@ -32,8 +32,6 @@ PROGRESS_SECONDS = 5
 QUIET_SECONDS = 60
 REPLY_SECONDS = 30
 CHUNK = 1 << 20
-# a test aid and a way to share a thin link: cap the download rate (bytes per second)
-RATE_LIMIT_VARIABLE = "R2S_DOWNLOAD_LIMIT_BPS"
 
 
 @dataclass(frozen=True)
@@ -86,27 +84,6 @@ def expand_home(path, home):
 def last_line(text, default=""):
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else default
-
-
-def resume_offset(partial_size, partial_meta, remote_size, remote_sha256):
-    """Where to resume a download: the partial file's size when it belongs to the same remote
-    file (same digest and size) and is not longer than it, else 0 (start over)."""
-    if not partial_meta or partial_size <= 0:
-        return 0
-    if partial_meta.get("sha256") != remote_sha256 or partial_meta.get("size") != remote_size:
-        return 0
-    if partial_size > remote_size:
-        return 0
-    return partial_size
-
-
-def progress_line(name, done, total, started_bytes, elapsed, width=24):
-    """One progress line (a log is no terminal, so a line every few seconds, not a redrawn bar)."""
-    rate = (done - started_bytes) / elapsed if elapsed > 0 else 0.0
-    fraction = done / total if total else 1.0
-    bar = "#" * round(width * fraction) + "." * (width - round(width * fraction))
-    left = f", {(total - done) / rate:.0f} s left" if rate > 0 else ""
-    return f"  download {name} [{bar}] {100 * fraction:3.0f}%  {done / 1e6:.1f} of {total / 1e6:.1f} MB, {rate / 1e6:.1f} MB/s{left}"
 
 
 # ------------------------------------------------------------------ connecting
@@ -496,85 +473,30 @@ class SSHTransport:
             raise StepError(f"{self.target.named}: unpacking {folder} in {remote_folder} failed: {last_line(output, f'exit status {status}')}")
 
     def download(self, remote_path, local_path, remote_sha256, after_rename=None, size=None):
-        """Bring a remote file to `local_path`: into a dot-partial file beside it, resumed from
-        that file when an earlier transfer was cut, checked against the other side's sha256,
-        then renamed into place. `size`: the remote file's, when the caller already asked."""
-        local_path = Path(local_path)
-        partial = local_path.with_name(f".{local_path.name}.partial")
-        meta_path = partial.with_name(partial.name + ".json")
+        """Bring a remote file to `local_path` (downloads.Download: a dot-partial file beside
+        it, resumed when an earlier transfer was cut, checked against the other side's sha256,
+        then renamed into place). `size`: the remote file's, when the caller already asked."""
         size = self.stat(remote_path) if size is None else size
         if size is None:
             raise StepError(f"{self.target.role} {self.target.host} has no {remote_path}")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError):
-            meta = None
-        offset = resume_offset(partial.stat().st_size if partial.exists() else 0, meta, size, remote_sha256)
-        digest = hashlib.sha256()
-        if offset:
-            with open(partial, "rb") as handle:
-                while chunk := handle.read(4 << 20):
-                    digest.update(chunk)
-            message = f"  download {local_path.name}: resuming at {offset / 1e6:.1f} of {size / 1e6:.1f} MB from {partial.name}"
-        else:
-            partial.unlink(missing_ok=True)
-            message = f"  download {local_path.name}: {size / 1e6:.1f} MB from {self.target.host}"
-        say(message)
-        self.log(message)
-        write_json_atomic(meta_path, {"sha256": remote_sha256, "size": size, "remote": remote_path, "host": self.target.host})
-        limit = float(os.environ.get(RATE_LIMIT_VARIABLE) or 0)
-        started = time.monotonic()
-        last_report = started
-        done = offset
+        download = Download(local_path, size, remote_sha256, self.log, {"remote": remote_path, "host": self.target.host})
+        offset = download.begin(self.target.host)
         with self.guard(f"downloading {remote_path}"):
             # a plain stream on an exec channel, not SFTP: SFTP's request per 32 KB costs paramiko
             # half its throughput (bench/remote.py); `tail -c +N` seeks, so resuming reads no more
             channel = self.client.get_transport().open_session()
             channel.exec_command(remote_command(["tail", "-c", f"+{offset + 1}", "--", remote_path]))
             channel.shutdown_write()
-            with open(partial, "r+b" if offset else "wb") as handle:
-                handle.seek(offset)
-                with HashingWriter(handle, digest) as target:
-                    while True:
-                        chunk = channel.recv(CHUNK)
-                        if not chunk:
-                            break
-                        target.write(chunk)
-                        done += len(chunk)
-                        now = time.monotonic()
-                        if limit:
-                            # sleep to stay under the rate, measured from the start of this transfer
-                            ahead = (done - offset) / limit - (now - started)
-                            if ahead > 0:
-                                time.sleep(ahead)
-                                now = time.monotonic()
-                        if now - last_report >= PROGRESS_SECONDS:
-                            line = progress_line(local_path.name, done, size, offset, now - started)
-                            say(line)
-                            self.log(line)
-                            last_report = now
-                    found = target.finish()
+            with download.receiving() as write:
+                while chunk := channel.recv(CHUNK):
+                    write(chunk)
             status = channel.recv_exit_status()
             error = channel.recv_stderr(4096).decode("utf-8", "replace")
         if status == -1:  # the channel closed without an exit status: the connection is gone
-            raise self.lost(f"downloading {remote_path}", f"at {done / 1e6:.1f} of {size / 1e6:.1f} MB (a rerun resumes)")
+            raise self.lost(f"downloading {remote_path}", f"at {download.done / 1e6:.1f} of {size / 1e6:.1f} MB (a rerun resumes)")
         if status != 0:
             raise StepError(f"{self.target.role} {self.target.host} could not send {remote_path}: {last_line(error, f'exit status {status}')}")
-        if done != size:
-            raise StepError(f"download of {remote_path} ended at {done} of {size} bytes; run again to resume")
-        if found != remote_sha256:
-            partial.unlink(missing_ok=True)
-            meta_path.unlink(missing_ok=True)
-            raise StepError(f"the downloaded {local_path.name} does not match the {self.target.role}'s sha256; run again to fetch it anew")
-        os.chmod(partial, 0o644)
-        os.replace(partial, local_path)
-        meta_path.unlink(missing_ok=True)
-        if after_rename:
-            after_rename()
-        elapsed = time.monotonic() - started
-        line = f"  download {local_path.name}: done, {(size - offset) / 1e6:.1f} MB in {elapsed:.1f} s, sha256 verified"
-        say(line)
-        self.log(line)
+        download.finish(remote_path, self.target.role, after_rename)
 
 
 class ChannelWriter:

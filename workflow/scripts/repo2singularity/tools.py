@@ -35,12 +35,14 @@ def say(text):
     print(text, file=sys.stderr, flush=True)
 
 
+# a build service's log lines carry their step's name first: "[build_image] #6 [2/6] RUN ..."
+STEP_PREFIX = r"^(?:\[\w+\] )?"
 # a build step of `docker buildx build --progress=plain` (what repo2docker runs) or of the
 # classic builder, and the line of output that follows it
-BUILD_STEP = re.compile(r"^#(\d+) \[(?:\S+ )?(\d+)/(\d+)\] (.+)$|^Step (\d+)/(\d+) : (.+)$")
-BUILD_OUTPUT = re.compile(r"^#(\d+) \d+\.\d+ (.+)$")
+BUILD_STEP = re.compile(STEP_PREFIX + r"(?:#(\d+) \[(?:\S+ )?(\d+)/(\d+)\] (.+)$|Step (\d+)/(\d+) : (.+)$)")
+BUILD_OUTPUT = re.compile(STEP_PREFIX + r"#(\d+) \d+\.\d+ (.+)$")
 # Apptainer's own phases: "INFO:    Creating SIF file..."
-RUNTIME_PHASE = re.compile(r"^(?:INFO|VERBOSE):\s+(.+?)[.\s]*$")
+RUNTIME_PHASE = re.compile(STEP_PREFIX + r"(?:INFO|VERBOSE):\s+(.+?)[.\s]*$")
 # any tool's percentage: mksquashfs's bar, our own conversion's and transfers' lines
 PERCENT = re.compile(r"(?<![\d.])(\d{1,3}(?:\.\d+)?) ?%")
 

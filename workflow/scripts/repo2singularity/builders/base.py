@@ -17,10 +17,17 @@ class Builder(ABC):
     # naming it where it stays
     saved_image_file: ClassVar[str] = "image.tar"
     kinds: ClassVar[dict] = {}
+    # a builder that fetches the commit itself (a build service): clone_source leaves source/ empty
+    fetches_source: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         Builder.kinds[cls.kind] = cls
+
+    @classmethod  # noqa: B027 (a hook that most kinds need not fill)
+    def prepare_run(cls, config, environ):
+        """Once per run, in the workflow's own process before any job starts: check the settings
+        (InvalidBuilder in one line) and set what the run's processes inherit in `environ`."""
 
     def __init__(self, config, log=None):
         """`config`: the workflow's validated configuration; `log`: the step's log file."""
