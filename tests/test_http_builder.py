@@ -2,11 +2,14 @@
 logic here; against the real build service on loopback in test_http_builder_service.py."""
 
 import json
+import os
 import subprocess
+import sys
 import time
 
 import pytest
 import requests
+from conftest import PROJECT
 
 from repo2singularity import builders
 from repo2singularity.builders import InvalidBuilder, http
@@ -58,22 +61,21 @@ def test_bad_service_urls_are_one_line(url, says):
     assert "secret" not in str(caught.value)
 
 
-def test_the_token_variable_is_emptied_for_slurm_jobs():
+def test_the_workflow_holds_the_token_and_its_steps_read_it_from_there():
+    environ = {"R2S_SERVICE_TOKEN": "s3cret", "PATH": "/bin"}
+    http.HTTPBuilder.prepare_run(config(), environ)
+    # nothing the run starts inherits it (Snakemake's sbatch passes --export=ALL)
+    assert environ == {"PATH": "/bin", "R2S_WORKFLOW_PID": str(os.getpid())}
+    assert http.token_of("R2S_SERVICE_TOKEN", environ) == os.environ.get("R2S_SERVICE_TOKEN", "")
+    # a step run on its own reads its own environment; nothing at all is one line later
+    assert http.token_of("R2S_SERVICE_TOKEN", {"R2S_SERVICE_TOKEN": " t \n"}) == "t"
+    assert http.token_of("R2S_SERVICE_TOKEN", {"R2S_WORKFLOW_PID": "999999999"}) == ""
     environ = {}
-    http.keep_token_out_of_slurm_jobs("R2S_SERVICE_TOKEN", environ)
-    assert environ["SBATCH_EXPORT"] == "ALL,R2S_SERVICE_TOKEN="
-    # idempotent, and a user's own SBATCH_EXPORT is kept
-    http.keep_token_out_of_slurm_jobs("R2S_SERVICE_TOKEN", environ)
-    assert environ["SBATCH_EXPORT"] == "ALL,R2S_SERVICE_TOKEN="
-    environ = {"SBATCH_EXPORT": "ALL,OMP_NUM_THREADS=1"}
-    http.keep_token_out_of_slurm_jobs("MY_TOKEN", environ)
-    assert environ["SBATCH_EXPORT"] == "ALL,OMP_NUM_THREADS=1,MY_TOKEN="
+    http.HTTPBuilder.prepare_run(config(), environ)
+    assert environ == {}
 
 
-def test_prepare_run_checks_the_url_and_sets_sbatch_export():
-    environ = {}
-    http.HTTPBuilder.prepare_run(config(token_env="T"), environ)
-    assert environ == {"SBATCH_EXPORT": "ALL,T="}
+def test_prepare_run_checks_the_url():
     with pytest.raises(InvalidBuilder):
         http.HTTPBuilder.prepare_run(config(url="http://builder.example"), {})
 
@@ -189,19 +191,29 @@ def test_a_service_log_line_says_the_build_step():
 
 
 @pytest.mark.integration
-def test_slurm_jobs_do_not_get_the_token(tmp_path):
-    """What keep_token_out_of_slurm_jobs sets, with the real sbatch: the job sees the rest of the
-    environment, and the token's variable empty."""
-    import os
-
-    environ = {**os.environ, "R2S_SERVICE_TOKEN": "s3cret-token", "R2S_TEST_KEPT": "kept"}
-    http.keep_token_out_of_slurm_jobs("R2S_SERVICE_TOKEN", environ)
-    output = tmp_path / "job.out"
-    job = subprocess.run(
-        ["sbatch", "--parsable", f"--output={output}", "--time=1", "--wrap", "env"], capture_output=True, text=True, env=environ, cwd=tmp_path
+def test_slurm_jobs_do_not_get_the_token_and_the_steps_do(tmp_path):
+    """With the real sbatch, as Snakemake's Slurm plugin calls it (--export=ALL): a workflow
+    process started with the token holds it back from its Slurm jobs, and a step it starts
+    still reads it."""
+    script = tmp_path / "workflow.py"
+    script.write_text(
+        f"""
+import os, subprocess, sys
+sys.path.insert(0, {str(PROJECT / "workflow" / "scripts")!r})
+from repo2singularity.builders import http
+http.HTTPBuilder.prepare_run({{"builder": {{"kind": "http", "url": "https://b.example", "token_env": "R2S_SERVICE_TOKEN", "ca_file": ""}}}}, os.environ)
+job = subprocess.run(["sbatch", "--parsable", "--export=ALL", "--output={tmp_path}/job.out", "--time=1", "--wrap", "env"], capture_output=True, text=True)
+print(job.stdout.strip().split(";")[0] if job.returncode == 0 else "sbatch failed: " + job.stderr)
+step = "from repo2singularity.builders import http; import os; print(http.token_of('R2S_SERVICE_TOKEN', os.environ))"
+print(subprocess.run([sys.executable, "-c", step], capture_output=True, text=True, env={{**os.environ, "PYTHONPATH": {str(PROJECT / "workflow" / "scripts")!r}}}).stdout.strip())
+"""
     )
-    assert job.returncode == 0, job.stderr
-    job_id = job.stdout.strip().split(";")[0]
+    environ = {**os.environ, "R2S_SERVICE_TOKEN": "s3cret-token", "R2S_TEST_KEPT": "kept"}
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=environ, cwd=tmp_path, timeout=120)
+    job_id, step_token = result.stdout.split()
+    assert job_id.isdigit(), result.stdout + result.stderr
+    assert step_token == "s3cret-token"
+    output = tmp_path / "job.out"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout.strip()
@@ -209,6 +221,5 @@ def test_slurm_jobs_do_not_get_the_token(tmp_path):
             break
         time.sleep(1)
     seen = output.read_text()
-    assert "R2S_TEST_KEPT=kept" in seen
-    assert "s3cret-token" not in seen
-    assert "R2S_SERVICE_TOKEN=\n" in seen or "R2S_SERVICE_TOKEN=" not in seen
+    assert "R2S_TEST_KEPT=kept" in seen and "R2S_WORKFLOW_PID=" in seen
+    assert "s3cret-token" not in seen and "R2S_SERVICE_TOKEN" not in seen

@@ -3,7 +3,7 @@ service (the original repo2singularity's HTTP builder, with BinderHub's event st
 service fetches the repository and runs this workflow's own build there; this side posts the
 resolved commit, shows the build's phases and log lines, and brings the SIF back checksummed
 and resumable. The token comes from the environment only: never a setting, a log line, a
-command line or a Slurm job's environment."""
+command line or a Slurm job's environment (hold_token)."""
 
 import contextlib
 import json
@@ -30,6 +30,8 @@ RECONNECTS = 5
 RECONNECT_SECONDS = 2
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 FINAL_PHASES = ("built", "failed")
+# the workflow process whose environment holds the token (see hold_token)
+WORKFLOW_VARIABLE = "R2S_WORKFLOW_PID"
 
 
 @dataclass(frozen=True)
@@ -72,15 +74,28 @@ def service_url(url):
     return urllib.parse.urlunsplit((parts.scheme.lower(), parts.netloc, path, "", ""))
 
 
-def keep_token_out_of_slurm_jobs(token_env, environ):
-    """sbatch hands a job the submitter's whole environment by default, so the token would reach
-    every Slurm job of the run (the sandbox's, Jupyter's) and Slurm's job records. SBATCH_EXPORT
-    (read by every sbatch the run starts, Snakemake's and the launcher's) keeps the rest and
-    sets the token's variable to nothing there."""
-    given = environ.get("SBATCH_EXPORT", "").strip()
-    if f"{token_env}=" in given.split(","):
-        return
-    environ["SBATCH_EXPORT"] = f"{given or 'ALL'},{token_env}="
+def hold_token(token_env, environ, pid):
+    """Take the token out of the workflow's environment, so that no process the run starts gets
+    it: Snakemake's Slurm plugin submits every job with `sbatch --export=ALL`, and the sandbox's
+    and Jupyter's jobs (and Slurm's records of them) would carry it. The build steps read it
+    instead from the environment the workflow's process `pid` was started with
+    (/proc/PID/environ, the user's own), which WORKFLOW_VARIABLE names."""
+    if environ.pop(token_env, None):
+        environ[WORKFLOW_VARIABLE] = str(pid)
+
+
+def token_of(token_env, environ):
+    """The token: from this process's environment (a step run on its own), else from the
+    environment the workflow's process was started with."""
+    token = (environ.get(token_env) or "").strip()
+    if token or not environ.get(WORKFLOW_VARIABLE, "").isdigit():
+        return token
+    import psutil
+
+    try:
+        return (psutil.Process(int(environ[WORKFLOW_VARIABLE])).environ().get(token_env) or "").strip()
+    except (psutil.Error, OSError):
+        return ""
 
 
 # ------------------------------------------------------------------ answers and errors
@@ -179,7 +194,7 @@ class ServiceClient:
         self.settings = settings
         self.log_path = log_path
         environ = os.environ if environ is None else environ
-        token = (environ.get(settings.token_env) or "").strip()
+        token = token_of(settings.token_env, environ)
         if not token:
             raise StepError(
                 f"the build service {settings.base_url} needs your token in the environment variable "
@@ -337,7 +352,7 @@ class HTTPBuilder(Builder):
     @classmethod
     def prepare_run(cls, config, environ):
         settings = HTTPBuilderSettings.from_config(config)
-        keep_token_out_of_slurm_jobs(settings.token_env, environ)
+        hold_token(settings.token_env, environ, os.getpid())
 
     def client(self):
         return contextlib.closing(ServiceClient(self.settings, self.log))
