@@ -276,3 +276,27 @@ def test_a_service_restarting_mid_build_fails_the_step_in_one_line_and_leaves_no
     lines = [line for line in err.splitlines() if line.startswith("build_image: ")]
     assert lines and "failed" in lines[-1], err[-3000:]
     assert not list((tmp_path / "work" / "results").rglob("*.sif")) and not list((tmp_path / "work" / "results").rglob("image.json"))
+
+
+def test_a_build_the_service_no_longer_has_names_the_rule_to_rerun(repo, tmp_path):
+    """image.json names a build; a service that lost it (its work folder wiped) answers 404, and
+    the step says which rule to rerun."""
+    port = free_port()
+    server = ThreadServer(settings(tmp_path / "service", port=port), FakeRunner())
+    token = add_user(tmp_path / "service", "alice")
+    work = tmp_path / "work"
+    config = {"repo": f"file://{repo.path}", "ref": "main", "name": "demo", "builder": json.dumps({"kind": "http", "url": server.url})}
+    try:
+        assert run(work, "build", config=config, token=token).returncode == 0
+    finally:
+        server.stop()
+    folder = work / "results" / "demo" / repo.head()
+    (folder / "demo.sif").unlink()
+    server = ThreadServer(settings(tmp_path / "service-anew", port=port), FakeRunner())
+    token = add_user(tmp_path / "service-anew", "alice")
+    try:
+        line = step_error(run(work, "build", config=config, token=token))
+    finally:
+        server.stop()
+    assert line.startswith(f"save_image: the build service {server.url} no longer has build ")
+    assert line.endswith("rebuild it with: snakemake --forcerun build_image")
