@@ -6,7 +6,8 @@
 # Makes the Python environment (.venv, setup/python.sh), then checks only what this node needs
 # for that profile: Python with venv, git, apptainer or singularity, Slurm's client commands
 # where the profile uses Slurm, and for remote an SSH key and a filled-in
-# profiles/remote/builder.yaml whose host key is in known_hosts. One line per missing thing;
+# profiles/remote/builder.yaml whose host key is in known_hosts (or, for a build service,
+# `kind: http`, its url and your token in the environment). One line per missing thing;
 # the exit status is 1 if anything is missing. Nothing is installed system-wide.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -69,7 +70,7 @@ builder_settings() {
 import sys, yaml
 builder = (yaml.safe_load(open(sys.argv[1])) or {}).get("builder")
 if isinstance(builder, dict):
-    for key in ("host", "port", "user", "key_file", "known_hosts"):
+    for key in ("kind", "url", "token_env", "ca_file", "host", "port", "user", "key_file", "known_hosts"):
         value = builder.get(key)
         print(f"{key}\t{'' if value is None else value}")
 EOF
@@ -86,6 +87,27 @@ if [ "$profile" = remote ]; then
         missing "$file: not valid YAML: $(printf '%s' "$settings" | tail -n 1)"
     elif [ -z "$settings" ]; then
         missing "$file: no builder: mapping"
+    elif [ "$(setting kind)" = http ]; then
+        # a build service (docs/http-builder.md): no SSH, a token in the environment
+        url=$(setting url)
+        token_env=$(setting token_env)
+        token_env=${token_env:-R2S_SERVICE_TOKEN}
+        ca_file=$(expand "$(setting ca_file)")
+        if [ -z "$url" ]; then
+            missing "$file: fill in url (the build service, e.g. https://builder.example:8443) under builder:"
+        else
+            say "ok: build service $url ($file)"
+        fi
+        if ! [[ $token_env =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]]; then
+            missing "$file: token_env is not a variable name: $token_env"
+        elif [ -n "${!token_env:-}" ]; then
+            say "ok: your token for the build service is in \$$token_env"
+        else
+            missing "your token for the build service: export $token_env=... (its administrator gives it to you)"
+        fi
+        if [ -n "$ca_file" ] && [ ! -r "$ca_file" ]; then
+            missing "$file: ca_file $ca_file is not readable"
+        fi
     else
         host=$(setting host)
         port=$(setting port)
