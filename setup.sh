@@ -59,6 +59,8 @@ fi
 
 if [ "$(id -u)" -eq 0 ]; then
     R2S_USER=$account bash setup/system.sh install
+    # rootless Podman for `builder: podman`, with the base image in the account's own store
+    R2S_USER=$account bash setup/podman.sh install
     if [ "$action" = test ]; then
         # the Slurm tests need a running single-node cluster (tests/test_slurm.py)
         bash setup/slurm.sh

@@ -71,13 +71,15 @@ def working_folder(image_config):
     return image_environment(image_config).get("REPO_DIR") or image_config.get("WorkingDir") or "/"
 
 
-def image_receipt(details, tag, user_name, repo2docker_version):
-    """What image.json records of a built image (`details`: docker image inspect's)."""
+def image_receipt(details, tag, user_name, repo2docker_version, engine="docker"):
+    """What image.json records of a built image (`details`: docker image inspect's, or Podman's
+    in the same terms); `engine`: what built it ("docker", "podman 4.3.1")."""
     config = details.get("Config") or {}
     return {
         "image_id": details["Id"],
         "tag": tag,
         "repo2docker_version": repo2docker_version,
+        "engine": engine,
         "labels": config.get("Labels") or {},
         "working_folder": working_folder(config),
         "home": image_environment(config).get("HOME") or f"/home/{user_name}",

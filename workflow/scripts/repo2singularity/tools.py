@@ -37,9 +37,10 @@ def say(text):
 
 # a build service's log lines carry their step's name first: "[build_image] #6 [2/6] RUN ..."
 STEP_PREFIX = r"^(?:\[\w+\] )?"
-# a build step of `docker buildx build --progress=plain` (what repo2docker runs) or of the
-# classic builder, and the line of output that follows it
-BUILD_STEP = re.compile(STEP_PREFIX + r"(?:#(\d+) \[(?:\S+ )?(\d+)/(\d+)\] (.+)$|Step (\d+)/(\d+) : (.+)$)")
+# a build step of `docker buildx build --progress=plain` (what repo2docker runs), of the
+# classic builder or of `podman build` ("STEP 5/16: RUN ..."), and the line of output that
+# follows it
+BUILD_STEP = re.compile(STEP_PREFIX + r"(?:#(\d+) \[(?:\S+ )?(\d+)/(\d+)\] (.+)$|(?:Step|(?:\[\d+/\d+\] )?STEP) (\d+)/(\d+) ?: (.+)$)")
 BUILD_OUTPUT = re.compile(STEP_PREFIX + r"#(\d+) \d+\.\d+ (.+)$")
 # Apptainer's own phases: "INFO:    Creating SIF file..."
 RUNTIME_PHASE = re.compile(STEP_PREFIX + r"(?:INFO|VERBOSE):\s+(.+?)[.\s]*$")

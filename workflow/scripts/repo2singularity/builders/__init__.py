@@ -1,5 +1,6 @@
-"""Builders: where the Docker and SIF steps run. `builder: local` (this machine's Docker engine),
-or a mapping whose `kind` names another file of this package (`ssh`: a host over SSH)."""
+"""Builders: where the image and SIF steps run. `builder: local` (this machine's Docker engine),
+`builder: podman` (rootless Podman as the user, no Docker), or a mapping whose `kind` names
+another file of this package (`ssh`: a host over SSH)."""
 
 import importlib
 import pkgutil
@@ -15,8 +16,11 @@ def kind_of(config):
     setting = config.get("builder", "local")
     if setting in (None, "", "local"):
         return "local"
+    # a kind without settings is named by itself
+    if setting == "podman":
+        return setting
     if not isinstance(setting, dict):
-        raise InvalidBuilder(f"builder must be 'local' or a mapping with a host, not {setting!r}")
+        raise InvalidBuilder(f"builder must be 'local', 'podman' or a mapping with a host, not {setting!r}")
     return setting.get("kind") or "ssh"
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .. import runtime
 from ..files import checksum_line, sha256_file, temporary_sibling, write_json_atomic, write_text_atomic
-from ..image import image_receipt, repo2docker_command
+from ..image import image_missing, image_receipt, repo2docker_command
 from ..step import StepError
 from ..tools import python_tool, run_logged, say
 from .base import Builder
@@ -22,6 +22,7 @@ PROGRESS_SECONDS = 5
 class LocalBuilder(Builder):
     kind = "local"
     saved_image_file = "image.tar"
+    engine_name = "Docker"
 
     def __init__(self, config, log=None):
         super().__init__(config, log)
@@ -78,7 +79,8 @@ class LocalBuilder(Builder):
         if details is None:
             raise StepError(f"repo2docker finished but Docker has no image {spec.tag}")
         version = subprocess.run([repo2docker, "--version"], capture_output=True, text=True, check=True).stdout.strip()
-        write_json_atomic(receipt, image_receipt(details, spec.tag, spec.user_name, version))
+        engine = f"docker {self.engine(step).version().get('Version', '')}".strip()
+        write_json_atomic(receipt, image_receipt(details, spec.tag, spec.user_name, version, engine))
 
     def save_image(self, name, sha, receipt, saved):
         """The image as a tarball, streamed from the engine with a byte count on the terminal
@@ -86,14 +88,7 @@ class LocalBuilder(Builder):
         import docker
 
         step = "save_image (docker save)"
-        image = json.loads(Path(receipt).read_text())
-        details = self.inspect(image["tag"], step)
-        if details is None or details["Id"] != image["image_id"]:
-            raise StepError(
-                f"Docker no longer has image {image['tag']} ({image['image_id'][:19]}) named in {receipt}; "
-                "rebuild it with: snakemake --forcerun build_image"
-            )
-        self.note(f"saving {image['tag']} ({image['image_id'][:19]}) to {saved}")
+        image, details = self.image_to_save(receipt, saved, step)
         partial = temporary_sibling(saved, ".tar")
         digest = hashlib.sha256()
         written = 0
@@ -122,6 +117,16 @@ class LocalBuilder(Builder):
             partial.unlink(missing_ok=True)
         self.note(f"saved {image['tag']} to {saved}: {written} bytes, sha256 {digest.hexdigest()}")
         say(f"  {step}: done in {time.monotonic() - started:.0f} s ({written / 1e6:.0f} MB)")
+
+    def image_to_save(self, receipt, saved, step):
+        """The image `receipt` names and the engine's details of it; StepError when the engine no
+        longer has that very image."""
+        image = json.loads(Path(receipt).read_text())
+        details = self.inspect(image["tag"], step)
+        if details is None or details["Id"] != image["image_id"]:
+            raise StepError(image_missing(image, receipt, self.engine_name))
+        self.note(f"saving {image['tag']} ({image['image_id'][:19]}) to {saved}")
+        return image, details
 
     def build_sif(self, name, sha, saved, sif, checksum):
         # the fast conversion runs mksquashfs itself: every compression it has
