@@ -185,3 +185,18 @@ def test_snakemake_commands_name_real_targets_and_settings(page):
     assert not problems, problems
     if page == README:
         assert commands, "the README shows no snakemake command"
+
+
+def setup_actions():
+    """The first words `setup.sh` takes: the patterns of its first `case "$action"`."""
+    text = (PROJECT / "setup.sh").read_text()
+    block = text[text.index('case "$action" in') :].split("esac", 1)[0]
+    return {word.strip() for pattern in re.findall(r"^\s+([a-z| -]+)\)", block, re.MULTILINE) for word in pattern.split("|")}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_setup_commands_name_real_actions(page):
+    actions = setup_actions()
+    assert {"example", "test", "builder", "login"} <= actions, actions
+    named = set(re.findall(r"bash setup\.sh ([a-z][a-z-]*)", text_of(page)))
+    assert named <= actions, f"{page.name} names setup.sh actions it does not have: {sorted(named - actions)}"
