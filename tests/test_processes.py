@@ -1,6 +1,7 @@
 """Our own process handling: a recorded server is signalled only while it is the very process
 that was started, and a step's tools end with the step, however it ends."""
 
+import json
 import subprocess
 import sys
 import time
@@ -8,10 +9,16 @@ import time
 import psutil
 import pytest
 
+from conftest import processes_running, started
+from fake_jupyter import Squatter
 from repo2singularity import jupyter, servers, tools
-from conftest import started
-from repo2singularity.processes import ProcessIdentity, free_port
+from repo2singularity.launchers.base import LaunchRequest
+from repo2singularity.launchers.local import LocalLauncher
+from repo2singularity.processes import ProcessIdentity, free_port, listener_in_tree
+from repo2singularity.step import StepError
 from workflow_runner import PROJECT
+
+FAKE_JUPYTER = PROJECT / "tests" / "fake_jupyter.py"
 
 
 def record(folder, pid, identity):
@@ -59,6 +66,97 @@ def test_free_port_is_free_on_the_asked_address():
     port = free_port("127.0.0.1")
     with socket.socket() as server:
         server.bind(("127.0.0.1", port))
+
+
+def fake_runtime(folder, *extra):
+    """A program in the runtime's place that starts the stand-in Jupyter (tests/fake_jupyter.py)."""
+    program = folder / "runtime"
+    words = " ".join(extra)
+    program.write_text(f"#!/bin/sh\nexec {sys.executable} {FAKE_JUPYTER} \"$@\" {words}\n")
+    program.chmod(0o755)
+    return str(program)
+
+
+def local_launch(folder, runtime, timeout=20):
+    request = LaunchRequest(
+        runtime=runtime,
+        sandbox=str(folder / "sandbox"),
+        image={"working_folder": "/home/jovyan"},
+        connection_file=str(folder / "launch.json"),
+        server_log=str(folder / "server.log"),
+        jupyter_command=("jupyter", "notebook"),
+        timeout=timeout,
+    )
+    (folder / "sandbox").mkdir()
+    return LocalLauncher().launch(request)
+
+
+def test_the_local_launch_finds_its_own_server_and_only_it_gets_the_token(tmp_path):
+    connection = local_launch(tmp_path, fake_runtime(tmp_path))
+    try:
+        assert listener_in_tree(connection["pid"], "127.0.0.1", connection["port"])
+        assert jupyter.status(connection["url"], connection["token"]) == 200
+    finally:
+        LocalLauncher().stop(connection)
+
+
+@pytest.mark.parametrize("server", ["honours port_retries", "moves on whatever it is told"])
+def test_a_port_taken_before_the_server_binds_it_never_receives_the_token(tmp_path, monkeypatch, server):
+    """Issue 19 item 2: free_port's port is free when picked, and the server binds it a moment
+    later; whoever takes it in between (here another program, in tests/root another account)
+    must not be sent the token. Jupyter is told port_retries 0, and the token goes only to a
+    port that the launched process tree listens on."""
+    squatter = Squatter()
+    monkeypatch.setattr("repo2singularity.launchers.local.free_port", lambda: squatter.port)
+    runtime = fake_runtime(tmp_path, *(["--ignore-port-retries"] if server.startswith("moves") else []))
+    try:
+        with pytest.raises(StepError) as failed:
+            local_launch(tmp_path, runtime, timeout=3)
+    finally:
+        squatter.close()
+    assert squatter.received == [], "a request went to the program that took the port"
+    if server.startswith("honours"):
+        assert f"port {squatter.port} is not available" in str(failed.value)
+    assert not processes_running(str(tmp_path / "sandbox"))
+
+
+def test_a_slurm_job_names_its_port_only_once_its_own_server_listens_there(tmp_path):
+    """Issue 19 item 2, the job's side: the login side sends the token to the port in the node
+    file, so the job writes it only once the server itself listens there."""
+    def serve(port):
+        node_file = tmp_path / f"node-{port}.json"
+        env_file = jupyter.token_file(tmp_path, "t0ken")
+        code = (
+            f"import sys; sys.path.insert(0, {str(PROJECT / 'workflow' / 'scripts')!r})\n"
+            "from repo2singularity.launchers import slurm\n"
+            "slurm.reachable_address = lambda: '127.0.0.1'\n"
+            f"slurm.free_port = lambda host: {port}\n"
+            f"slurm.serve({str(node_file)!r}, [sys.executable, {str(FAKE_JUPYTER)!r}, '--env-file', {str(env_file)!r}, '--port-retries=0'])\n"
+        )
+        return node_file, subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+
+    squatter = Squatter()
+    try:
+        node_file, taken = serve(squatter.port)
+        output, _ = taken.communicate(timeout=30)
+    finally:
+        squatter.close()
+    assert f"port {squatter.port} is not available" in output
+    assert not node_file.exists(), "the job named a port its server does not listen on"
+    assert squatter.received == []
+    node_file, job = serve(free_port())
+    try:
+        deadline = time.monotonic() + 30
+        while not node_file.exists():
+            assert job.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        node = json.loads(node_file.read_text())
+        assert listener_in_tree(job.pid, node["host"], node["port"]) == job.pid
+        assert jupyter.status(f"http://{node['host']}:{node['port']}/", "t0ken") == 200
+    finally:
+        job.kill()
+        job.communicate()
+        (tmp_path / ".jupyter.env").unlink(missing_ok=True)
 
 
 def test_tools_start_without_code_between_fork_and_exec(monkeypatch, tmp_path):

@@ -91,7 +91,9 @@ def test_server_command_for_a_slurm_job_leaves_address_and_port_to_the_node(tmp_
     )
     assert command[:3] == ["apptainer", "run", "--nv"]
     assert "--x=1" in command
-    assert not any(word.startswith(("--ip", "--port")) for word in command)
+    assert not any(word.startswith(("--ip=", "--port=")) for word in command)
+    # the server takes the port it is given or ends: it never moves on to another one
+    assert "--port-retries=0" in command
 
 
 def test_the_server_listens_where_the_login_node_reaches_the_node_never_on_its_names_loopback(monkeypatch):

@@ -52,7 +52,8 @@ def server_command(
     Binds (site scratch, project folders) are "source[:destination[:options]]" as the runtime
     takes them; in a writable sandbox a destination must already exist in the image.
 
-    port None leaves out address and port: a Slurm job adds them on its node."""
+    port None leaves out address and port: a Slurm job adds them on its node. Either way the
+    server takes that port or ends (port_retries 0)."""
     sandbox = Path(sandbox).resolve()
     command = [runtime, "run", *runtime_args, "--cleanenv", "--env-file", str(env_file), "--pwd", image["working_folder"]]
     for bind in binds:
@@ -66,7 +67,9 @@ def server_command(
     command += [*jupyter_command, *jupyter_args]
     if port is not None:
         command += [f"--ip={host}", f"--port={port}"]
-    return command + ["--no-browser"]
+    # Jupyter would otherwise move to another port unsaid when its port was taken meanwhile,
+    # while the launch goes on sending the token to the first one, to whoever holds it
+    return command + ["--port-retries=0", "--no-browser"]
 
 
 def create_owner_only(path, text=""):

@@ -21,6 +21,26 @@ def free_port(host=LOOPBACK):
         return probe.getsockname()[1]
 
 
+def listener_in_tree(pid, host, port):
+    """The pid of the process, `pid` itself or one of its descendants, that listens on
+    host:port (or on every address), else None. Only then does a request to host:port reach
+    that process: the port was free when picked, and another account may have bound it since."""
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return None
+    for process in tree:
+        try:
+            sockets = process.net_connections(kind="tcp")
+        except psutil.Error:
+            continue
+        for found in sockets:
+            if found.status == psutil.CONN_LISTEN and found.laddr.port == port and found.laddr.ip in (host, "0.0.0.0", "::"):
+                return process.pid
+    return None
+
+
 def alive(pid):
     """Whether a process with this pid exists (another user's included); a zombie does not count."""
     try:

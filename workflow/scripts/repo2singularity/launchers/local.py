@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from ..jupyter import POLL_SECONDS, create_owner_only, note, now, status, token_file
-from ..processes import LOOPBACK, ProcessIdentity, alive, end_process_group, free_port
+from ..processes import LOOPBACK, ProcessIdentity, alive, end_process_group, free_port, listener_in_tree
 from ..step import StepError
 from ..tools import tail
 from .base import Launcher
@@ -37,7 +37,7 @@ class LocalLauncher(Launcher):
         log_handle.close()
         url = f"http://{LOOPBACK}:{port}/"
         try:
-            self.wait_until_answering(process, url, token, request.timeout, request.server_log)
+            self.wait_until_answering(process, port, token, request.timeout, request.server_log)
         except BaseException as error:
             note(request.log, f"failed: {error}")
             end_process_group(process.pid, STOP_WAIT_SECONDS, child=process)
@@ -63,7 +63,10 @@ class LocalLauncher(Launcher):
         }
 
     @staticmethod
-    def wait_until_answering(process, url, token, timeout, server_log):
+    def wait_until_answering(process, port, token, timeout, server_log):
+        """Until the server answers; the token goes only to a port that the launched process
+        (or a child of it: the runtime starts the server) listens on."""
+        url = f"http://{LOOPBACK}:{port}/"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if process.poll() is not None:
@@ -71,7 +74,7 @@ class LocalLauncher(Launcher):
                     f"the Jupyter server exited (status {process.returncode}) before it answered; "
                     f"last lines of {server_log}:\n{tail(server_log)}"
                 )
-            if status(url, token) == 200:
+            if listener_in_tree(process.pid, LOOPBACK, port) and status(url, token) == 200:
                 return
             time.sleep(POLL_SECONDS)
         raise StepError(f"the Jupyter server did not answer within {timeout} s; see {server_log}")

@@ -18,7 +18,7 @@ import psutil
 from .. import slurm
 from ..files import write_json_atomic, write_text_atomic
 from ..jupyter import OWNER_ONLY, POLL_SECONDS, create_owner_only, note, now, status, token_file
-from ..processes import free_port
+from ..processes import alive, free_port, listener_in_tree
 from ..step import StepError
 from ..tools import say, tail
 from .base import Launcher
@@ -96,12 +96,35 @@ def reachable_address(submit_host=None, node=None):
 
 
 def serve(node_file, command):
-    """Inside the Slurm job: pick a free port on an address the login node reaches, tell the
-    waiting rule where, then become the server (exec, so Slurm's signals reach it directly)."""
+    """Inside the Slurm job: pick a free port on an address the login node reaches, become the
+    server (exec, so Slurm's signals reach it directly), and tell the waiting rule where once
+    the server itself listens there: the rule sends the token to that port, which another
+    account on the node could have bound in between (a watcher process says it, see
+    `report_when_listening`)."""
     host = reachable_address()
     port = free_port(host)
-    write_json_atomic(node_file, {"node": socket.gethostname(), "host": host, "port": port}, mode=OWNER_ONLY)
+    server = os.getpid()
+    watcher = os.fork()
+    if watcher == 0:
+        # the watcher's own child does the work, reparented away from the server (which would
+        # never reap it); the server waits only for this short-lived middle process
+        try:
+            if os.fork() == 0:
+                report_when_listening(node_file, server, host, port)
+        finally:
+            os._exit(0)
+    os.waitpid(watcher, 0)
     os.execvp(command[0], [*command, f"--ip={host}", f"--port={port}"])
+
+
+def report_when_listening(node_file, server, host, port, poll_seconds=0.1):
+    """Write the node file once process `server` (or a child of it) listens on host:port; give
+    up when it has ended (it could not take the port: Jupyter then says so in its log)."""
+    while alive(server):
+        if listener_in_tree(server, host, port):
+            write_json_atomic(node_file, {"node": socket.gethostname(), "host": host, "port": port}, mode=OWNER_ONLY)
+            return
+        time.sleep(poll_seconds)
 
 
 class SlurmLauncher(Launcher):
