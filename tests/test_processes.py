@@ -2,9 +2,11 @@
 that was started, and a step's tools end with the step, however it ends."""
 
 import json
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -157,6 +159,47 @@ def test_a_slurm_job_names_its_port_only_once_its_own_server_listens_there(tmp_p
         job.kill()
         job.communicate()
         (tmp_path / ".jupyter.env").unlink(missing_ok=True)
+
+
+SECRETS = {"R2S_REPOSITORY_URL_0123456789abcdef": "https://ann:hunter2-url@git.example.org/x", "CI_REGISTRY_LOGIN": "ci:hunter2-registry"}
+
+
+def environment_of(pid):
+    return dict(line.split("=", 1) for line in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in line)
+
+
+def test_the_local_server_inherits_neither_the_repository_url_nor_the_registry_credential(tmp_path, monkeypatch):
+    """Issue 19 item 6: a long-lived server keeps what it inherits in /proc/PID/environ."""
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    launcher = LocalLauncher({"registry_credentials_env": "CI_REGISTRY_LOGIN"})
+    request = LaunchRequest(
+        runtime=fake_runtime(tmp_path),
+        sandbox=str(tmp_path / "sandbox"),
+        image={"working_folder": "/home/jovyan"},
+        connection_file=str(tmp_path / "launch.json"),
+        server_log=str(tmp_path / "server.log"),
+        jupyter_command=("jupyter", "notebook"),
+        timeout=20,
+    )
+    (tmp_path / "sandbox").mkdir()
+    connection = launcher.launch(request)
+    try:
+        inherited = environment_of(connection["pid"])
+        assert "PATH" in inherited and not SECRETS.keys() & inherited.keys()
+        assert not [value for value in inherited.values() if "hunter2" in value]
+    finally:
+        launcher.stop(connection)
+
+
+def test_a_step_drops_the_stashed_repository_url_once_it_has_its_params(tmp_path):
+    code = (
+        f"import os, sys; sys.path.insert(0, {str(PROJECT / 'workflow' / 'scripts')!r})\n"
+        "from repo2singularity.step import run_step\n"
+        "run_step('x', lambda: print(sorted(k for k in os.environ if k.startswith('R2S_REPOSITORY_URL_'))))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **SECRETS}, check=True)
+    assert result.stdout == "[]\n"
 
 
 def test_tools_start_without_code_between_fork_and_exec(monkeypatch, tmp_path):

@@ -10,6 +10,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -22,6 +23,7 @@ import requests
 from conftest import PROJECT, files_holding, processes_running, process_tree, started, still_running
 from jupyter_client import api, execute
 from repo2singularity import jupyter, servers, slurm
+from repo2singularity.launchers.base import LaunchRequest
 from repo2singularity.launchers.local import LocalLauncher
 from repo2singularity.launchers import slurm as slurm_launcher
 from repo2singularity.launchers.slurm import own_addresses, reachable_address, ssh_tunnel
@@ -501,3 +503,45 @@ def test_idle_local_server_shuts_itself_down(launched):
     assert connection["launched_on"] == "local"
     wait_until(lambda: not LocalLauncher().running(connection), 150, "the idle local server still runs")
     stop(launched.workdir, launched.repo)
+
+
+@integration
+def test_the_slurm_job_of_a_server_inherits_neither_the_repository_url_nor_the_registry_credential(tmp_path, monkeypatch):
+    """Issue 19 item 6: sbatch hands the job its own environment (Slurm keeps it with the job);
+    the job's server runs for hours. A stand-in server (tests/fake_jupyter.py): no image needed."""
+    secrets = {"R2S_REPOSITORY_URL_0123456789abcdef": "https://ann:hunter2-url@git.example.org/x", "CI_REGISTRY_LOGIN": "ci:hunter2-registry"}
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    runtime = tmp_path / "runtime"
+    runtime.write_text(f"#!/bin/sh\nexec {sys.executable} {PROJECT / 'tests' / 'fake_jupyter.py'} \"$@\"\n")
+    runtime.chmod(0o755)
+    folder = tmp_path / "results" / "fake" / ("0" * 40)
+    (folder / "sandbox").mkdir(parents=True)
+    config = {
+        "registry_credentials_env": "CI_REGISTRY_LOGIN", "slurm_partition": PARTITION, "slurm_time": "0:10:00", "slurm_cpus": 1,
+        "slurm_mem_mb": 0, "slurm_gpus": 0, "slurm_sbatch_args": [], "slurm_queue_timeout": 120,
+    }  # fmt: skip
+    request = LaunchRequest(
+        runtime=str(runtime),
+        sandbox=str(folder / "sandbox"),
+        image={"working_folder": "/home/jovyan"},
+        connection_file=str(folder / "launch.json"),
+        server_log=str(folder / "server.log"),
+        jupyter_command=("jupyter", "notebook"),
+        timeout=120,
+    )
+    launcher = slurm_launcher.SlurmLauncher(config)
+    connection = launcher.launch(request)
+    try:
+        job_id = connection["slurm_job_id"]
+        processes = job_processes(job_id)
+        assert any("fake_jupyter.py" in line for line in command_lines(processes))
+        for process in processes:
+            try:
+                environ = Path(f"/proc/{process.pid}/environ").read_bytes().decode(errors="replace")
+            except (FileNotFoundError, PermissionError):
+                continue  # slurmstepd (root) or ended
+            assert "hunter2" not in environ and "R2S_REPOSITORY_URL_" not in environ, process.cmdline()
+        assert "hunter2" not in run_tool("scontrol", "show", "job", "--details", str(job_id))
+    finally:
+        launcher.stop(connection)

@@ -88,12 +88,28 @@ class Repository:
         return (repository_from_environment, (self.display_url, self.subdir, stash_url(self.url)))
 
 
+STASH_PREFIX = "R2S_REPOSITORY_URL_"
+
+
 def stash_url(url):
     import hashlib
 
-    name = f"R2S_REPOSITORY_URL_{hashlib.sha256(url.encode()).hexdigest()[:16]}"
+    name = f"{STASH_PREFIX}{hashlib.sha256(url.encode()).hexdigest()[:16]}"
     os.environ[name] = url
     return name
+
+
+def without_secrets(environ, names=()):
+    """`environ` without the stashed repository URLs and the variables `names` (the registry
+    credential's): for a child that needs none of them, such as a server or a Slurm job."""
+    return {key: value for key, value in environ.items() if not key.startswith(STASH_PREFIX) and key not in names}
+
+
+def drop_stashed_urls(environ=os.environ):
+    """A step has its Repository once Snakemake has loaded its params: the URL needs to wait in
+    the environment no longer, and no tool or server of the step inherits it."""
+    for key in [key for key in environ if key.startswith(STASH_PREFIX)]:
+        del environ[key]
 
 
 def repository_from_environment(display_url, subdir, name):

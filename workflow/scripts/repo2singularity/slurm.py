@@ -42,10 +42,11 @@ def job_script(python, entry, node_file, command):
     )
 
 
-def submit(command):
-    """Run sbatch; the job id, or StepError with Slurm's own reason in one line."""
+def submit(command, env=None):
+    """Run sbatch; the job id, or StepError with Slurm's own reason in one line. sbatch hands
+    the job its own environment (`env`, else this process's)."""
     try:
-        result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL, env=env)
     except FileNotFoundError:
         raise StepError("sbatch not found; launch_on=slurm needs the Slurm client tools on PATH") from None
     if result.returncode != 0:

@@ -10,6 +10,7 @@ import threading
 import time
 
 from .processes import parent_of
+from .repository import drop_stashed_urls
 
 PR_SET_PDEATHSIG = 1
 
@@ -84,6 +85,7 @@ def run_step(step, function):
     SIGTERM (sent by Snakemake on cancel, or by the kernel when the workflow dies) becomes an
     exception, so running tools are stopped and partial outputs removed on the way out."""
     signal.signal(signal.SIGTERM, stop_on_signal)
+    drop_stashed_urls()
     end_with_parent()
     watch_workflow()
     try:

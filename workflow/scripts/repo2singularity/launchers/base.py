@@ -2,11 +2,13 @@
 it and how to say where it is. One file per place in this package (this machine, a Slurm job);
 a kind registers itself by subclassing Launcher and is chosen by the `launch_on` setting."""
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
 from ..jupyter import culling_arguments, server_command
+from ..repository import without_secrets
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,13 @@ class Launcher(ABC):
     def __init__(self, config=None):
         """`config`: the workflow's validated configuration; only `launch` needs it."""
         self.config = config or {}
+
+    def child_environment(self):
+        """The environment of the server (or of sbatch, which hands it to the job): this
+        process's, without the registry credential, which no server needs; a long-lived server
+        would otherwise keep it in /proc/PID/environ, and Slurm in its job records."""
+        variable = self.config.get("registry_credentials_env")
+        return without_secrets(os.environ, [variable] if variable else [])
 
     @abstractmethod
     def launch(self, request):

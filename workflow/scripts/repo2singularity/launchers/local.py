@@ -33,6 +33,7 @@ class LocalLauncher(Launcher):
             stderr=subprocess.STDOUT,
             start_new_session=True,
             close_fds=True,
+            env=self.child_environment(),
         )
         log_handle.close()
         url = f"http://{LOOPBACK}:{port}/"

@@ -171,7 +171,7 @@ class SlurmLauncher(Launcher):
         job_id = None
         try:
             note(request.log, f"$ {shlex.join(str(word) for word in submit)}")
-            job_id = slurm.submit(submit)
+            job_id = slurm.submit(submit, env=self.child_environment())
             note(request.log, f"Slurm job {job_id} submitted")
             say(f"  launch_jupyter: submitted Slurm job {job_id}, waiting for its server")
             node = self.wait_for_server(job_id, node_file, token, settings["queue_timeout"], request.timeout, server_log)
