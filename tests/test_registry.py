@@ -545,3 +545,77 @@ def test_credentials_found_print_without_their_secret(tmp_path):
         assert "ci" in repr(credential) and "hunter2" not in repr(credential) and "hunter2" not in str(credential)
     token = registry.CredentialFinder(settings, {"CI_LOGIN": "ghp_only-a-token"}).find()
     assert token.token == "ghp_only-a-token" and "ghp_" not in repr(token)
+
+
+class OneOriginRegistry:
+    """A registry of the test's own, in plain HTTP on loopback, that asks for Basic credentials
+    and answers an upload's start with a Location on another port: `elsewhere` keeps the
+    Authorization headers it is sent there."""
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        expected = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+        received = self.received = []
+        servers = self.servers = []
+
+        class Elsewhere(BaseHTTPRequestHandler):
+            def do_PUT(self):
+                received.append(self.headers.get("Authorization"))
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.send_response(201)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *_):
+                pass
+
+        servers.append(ThreadingHTTPServer(("127.0.0.1", 0), Elsewhere))
+        other = servers[0].server_address[1]
+
+        class Registry(BaseHTTPRequestHandler):
+            def answer(self, status, headers=()):
+                self.send_response(status)
+                for name, value in headers:
+                    self.send_header(name, value)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def do_GET(self):
+                if self.headers.get("Authorization") != expected:
+                    return self.answer(401, [("WWW-Authenticate", 'Basic realm="r2s"')])
+                self.answer(200, [("Docker-Distribution-Api-Version", "registry/2.0")])
+
+            def do_HEAD(self):
+                self.answer(404 if self.headers.get("Authorization") == expected else 401, [("WWW-Authenticate", 'Basic realm="r2s"')])
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.answer(202, [("Location", f"http://127.0.0.1:{other}/upload/1")])
+
+            def log_message(self, *_):
+                pass
+
+        servers.append(ThreadingHTTPServer(("127.0.0.1", 0), Registry))
+        self.host = f"127.0.0.1:{servers[1].server_address[1]}"
+        for server in servers:
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def close(self):
+        for server in self.servers:
+            server.shutdown()
+            server.server_close()
+
+
+def test_credentials_go_only_to_the_registrys_own_scheme_host_and_port():
+    """Issue 19 item 3: an upload's Location may name another host (or plain HTTP); the
+    registry's credentials are not sent there."""
+    fake = OneOriginRegistry()
+    try:
+        settings = registry.RegistrySettings.from_url(f"oras://{fake.host}/lab", credentials_variable=CREDENTIALS_VARIABLE, plain_http=True)
+        with registry.RegistryClient(settings, {CREDENTIALS_VARIABLE: f"{USER}:{PASSWORD}"}) as client:
+            body = b"blob"
+            client.ensure_blob("lab/x", "repository:lab/x:pull,push", "sha256:" + hashlib.sha256(body).hexdigest(), len(body), lambda offset, length: io.BytesIO(body))
+    finally:
+        fake.close()
+    assert fake.received == [None]

@@ -287,11 +287,15 @@ class RegistrySession:
         a fresh body (so a refused upload can be sent again)."""
         self.connect()
         url = path if path.startswith(("http://", "https://")) else self.base + path
-        for renewed in (False, True):
+        # a Location the registry gave (an upload's) may name another host, port or scheme:
+        # the registry's credentials go only to the registry itself, as docker's do
+        own = origin(url) == origin(self.base)
+        for renewed in (False, True) if own else (False,):
             if renewed and self.challenge and self.challenge[0] == "bearer":
                 self.token(scope, refresh=True)
             data = body() if callable(body) else body
-            arguments = {"headers": headers or {}, "data": data, "stream": stream, "auth": HeaderAuth(self.authorization(scope))}
+            authorization = self.authorization(scope) if own else None
+            arguments = {"headers": headers or {}, "data": data, "stream": stream, "auth": HeaderAuth(authorization)}
             try:
                 if retry and data is None:
                     response = self.request_with_retries(method, url, **arguments)
@@ -321,6 +325,12 @@ class RegistrySession:
 
     def close(self):
         self.http.close()
+
+
+def origin(url):
+    """(scheme, host, port) of a URL, the port filled in from the scheme."""
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme, (parts.hostname or "").lower(), parts.port or {"http": 80, "https": 443}.get(parts.scheme)
 
 
 def error_reason(response):
