@@ -5,7 +5,8 @@
 #
 # Makes the Python environment (.venv, setup/python.sh), then checks only what this node needs
 # for that profile: Python with venv, git, apptainer or singularity, Slurm's client commands
-# where the profile uses Slurm, and for remote an SSH key and a filled-in
+# where the profile uses Slurm, for slurm what a rootless Podman build needs (builder: podman),
+# and for remote an SSH key and a filled-in
 # profiles/remote/builder.yaml whose host key is in known_hosts (or, for a build service,
 # `kind: http`, its url and your token in the environment). One line per missing thing;
 # the exit status is 1 if anything is missing. Nothing is installed system-wide.
@@ -61,6 +62,21 @@ if [ "$profile" != local ]; then
         else
             missing "Slurm: \`sinfo\` gets no answer from the controller: $(printf '%s' "$partitions" | tail -n 1)"
         fi
+    fi
+fi
+
+# on a cluster, the build itself can run here or in a job without Docker (`builder: podman`):
+# what rootless Podman needs, one line each, as the builder checks it (docs/podman.md)
+if [ "$profile" = slurm ]; then
+    if [ ! -x .venv/bin/python ]; then
+        missing "rootless podman: not checked (no python environment)"
+    else
+        while IFS= read -r line; do
+            case "$line" in
+                "MISSING: "*) missing "rootless podman (builder: podman): ${line#MISSING: }" ;;
+                *) say "$line" ;;
+            esac
+        done < <(PYTHONPATH=workflow/scripts .venv/bin/python -W ignore::RuntimeWarning:runpy -m repo2singularity.builders.podman --check 2>&1 || true)
     fi
 fi
 

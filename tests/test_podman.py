@@ -251,3 +251,67 @@ def test_a_build_killed_midway_leaves_no_image_and_the_rerun_resumes_there(examp
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
         podman("image", "rm", "--force", f"r2s-killed:{sha}", check=False)
+
+
+def test_the_login_check_for_slurm_says_what_a_rootless_build_has(rootless):
+    result = subprocess.run(["bash", "setup.sh", "login", "slurm"], capture_output=True, text=True, cwd=PROJECT, env=NO_DOCKER)
+    assert "MISSING: rootless podman" not in result.stdout, result.stdout
+    assert "ok: podman " in result.stdout and "newuidmap/newgidmap and subordinate ids" in result.stdout, result.stdout
+    assert "ok: podman storage driver " in result.stdout, result.stdout
+
+
+def test_a_full_store_is_one_line_and_leaves_no_receipt(rootless, tmp_path):
+    """Podman's store on the small file system `bash setup.sh test` mounts (tests/test_faults.py):
+    a build that fills it stops with one line naming the store."""
+    small = Path(os.environ.get("R2S_SMALL_FS") or "/mnt/r2s-small")
+    assert small.is_dir() and os.access(small, os.W_OK), f"{small} is missing: `bash setup.sh test` (as root) mounts it"
+    store = small / f"podman-store-{os.getpid()}"
+    conf = tmp_path / "storage.conf"
+    driver = podman("info", "--format", "{{.Store.GraphDriverName}}").stdout.strip()
+    # a rootless store's place is rootless_storage_path; its run-time folder follows XDG_RUNTIME_DIR
+    conf.write_text(f'[storage]\ndriver = "{driver}"\nrootless_storage_path = "{store}"\n')
+    runtime_dir = tmp_path / "run"
+    runtime_dir.mkdir(mode=0o700)
+    env = {**NO_DOCKER, "CONTAINERS_STORAGE_CONF": str(conf), "XDG_RUNTIME_DIR": str(runtime_dir)}
+    base = tmp_path / "base.tar"
+    podman("save", "--format", "docker-archive", "--output", str(base), "docker.io/library/debian:bookworm")
+    subprocess.run(["podman", "load", "--input", str(base)], env=env, check=True, capture_output=True)
+    base.unlink()
+    repo = GitRepo(tmp_path / "full-repo", branch="main")
+    sha = repo.commit("full", {"Dockerfile": f"FROM debian:bookworm\nRUN head -c 2000M /dev/zero > /big-{os.getpid()}\n"})
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    try:
+        failed = snakemake(workdir, "build", config=config_for(repo, "full", builder="podman"), check=False, env=env)
+        assert failed.returncode != 0
+        lines = [line for line in (failed.stdout + failed.stderr).splitlines() if "no space left in" in line]
+        assert lines and lines[0].startswith("build_image: build_image (repo2docker, podman) failed: no space left in " + str(store)), failed.stderr[-3000:]
+        assert not (workdir / "results" / "full" / sha / "image.json").exists()
+    finally:
+        subprocess.run(["podman", "unshare", "rm", "-rf", str(store)], env=env, capture_output=True)
+        subprocess.run(["rm", "-rf", str(store)], capture_output=True)
+
+
+def test_with_the_slurm_profile_the_three_steps_are_one_slurm_job(rootless, tmp_path):
+    """`--profile slurm builder=podman`: build_image, save_image and build_sif go to the cluster
+    together (the image stays in the node's store between them); only the SIF comes back."""
+    import re
+
+    from test_slurm import PARTITION
+
+    repo = GitRepo(tmp_path / "slurm-repo", branch="main")
+    sha = repo.commit("slurm", {"Dockerfile": f"FROM debian:bookworm\nRUN echo {os.getpid()} > /on-a-node\n"})
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    config = config_for(repo, "slurmbuild", builder="podman", slurm_partition=PARTITION)
+    try:
+        result = snakemake(workdir, "--profile", str(PROJECT / "profiles" / "slurm"), "build", config=config, env=NO_DOCKER)
+        output = result.stdout + result.stderr
+        jobs = re.findall(r"Job \S+ has been submitted with SLURM jobid (\d+)", output)
+        assert len(jobs) == 1, output[-3000:]
+        assert "group job podman_build" in output or "podman_build" in output, output[-3000:]
+        folder = workdir / "results" / "slurmbuild" / sha
+        assert (folder / "slurmbuild.sif").exists() and (folder / "slurmbuild.sif.sha256").exists()
+        assert json.loads((folder / "image.json").read_text())["engine"].startswith("podman ")
+    finally:
+        podman("image", "rm", "--force", f"r2s-slurmbuild:{sha}", check=False)

@@ -16,7 +16,8 @@ rule build_image:
         get_step_log("build_image"),
     benchmark:
         get_step_benchmark("build_image")
-    localrule: True
+    localrule: BUILDER.step_group is None
+    group: BUILDER.step_group
     resources:
         # how many Docker builds run at once: set with --resources docker_builds=N (profiles)
         docker_builds=1,
@@ -42,7 +43,8 @@ rule save_image:
         get_step_log("save_image"),
     benchmark:
         get_step_benchmark("save_image")
-    localrule: True
+    localrule: BUILDER.step_group is None
+    group: BUILDER.step_group
     script:
         f"{SCRIPTS}/save_image.py"
 

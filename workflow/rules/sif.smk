@@ -8,7 +8,8 @@ rule build_sif:
         get_step_log("build_sif"),
     benchmark:
         get_step_benchmark("build_sif")
-    localrule: True
+    localrule: BUILDER.step_group is None
+    group: BUILDER.step_group
     params:
         # read by the builder from the configuration; here so that a change rebuilds the SIF
         runtime=settings.runtime,

@@ -19,6 +19,11 @@ class Builder(ABC):
     kinds: ClassVar[dict] = {}
     # a builder that fetches the commit itself (a build service): clone_source leaves source/ empty
     fetches_source: ClassVar[bool] = False
+    # None: the image and SIF steps reach what only this machine has (its Docker engine, an SSH
+    # connection, a token), so they are local rules. A kind whose steps may run anywhere names
+    # the group they share instead: an executor (Slurm) runs the group as one job on one node,
+    # where the image lives between build_image and save_image
+    step_group: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

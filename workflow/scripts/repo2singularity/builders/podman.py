@@ -153,6 +153,8 @@ class PodmanBuilder(LocalBuilder):
     kind = "podman"
     saved_image_file = "image.tar"
     engine_name = "Podman"
+    # no daemon and nothing of this machine's: with --profile slurm the three steps are one job
+    step_group = "podman_build"
 
     def require_rootless(self, step):
         problems = rootless_problems()
