@@ -6,6 +6,7 @@
 # Or set up one host of a split installation:
 #   bash setup.sh builder ACCOUNT [--authorize PUBKEY_FILE]   (root) a remote builder for ACCOUNT
 #   bash setup.sh login [remote|slurm|local]   (the workflow's user) a login node: no root, no Docker
+#   bash setup.sh build-service [options]      (root) the build service for many users (docs/build-service.md)
 # Run as root, the system is provisioned and the workflow then runs as the unprivileged account
 # $R2S_USER (default r2s, in the docker group): Apptainer does not run as root on every host,
 # and on HPC it never does. Run as any other user, nothing is installed system-wide: the script
@@ -26,8 +27,12 @@ case "$action" in
         shift
         exec bash setup/login.sh "$@"
         ;;
+    build-service)
+        shift
+        exec bash setup/build_service.sh "$@"
+        ;;
     *)
-        echo "usage: bash setup.sh [example|test|check] | builder ACCOUNT [--authorize PUBKEY_FILE] | login [remote|slurm|local]" >&2
+        echo "usage: bash setup.sh [example|test|check] | builder ACCOUNT [--authorize PUBKEY_FILE] | login [remote|slurm|local] | build-service [options]" >&2
         exit 2
         ;;
 esac

@@ -281,4 +281,7 @@ main() {
     report "$account"
 }
 
-main "$@"
+# sourced by setup/build_service.sh for its machine-wide steps and account
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+    main "$@"
+fi

@@ -320,7 +320,7 @@ def test_real_builds_through_the_workflow_and_a_restart_mid_build(tmp_path, exam
     from service_server import ProcessServer, write_settings
 
     work = tmp_path / "service"
-    config = write_settings(tmp_path / "service.yaml", work_dir=str(work), port=0, allowed_schemes=["file"], max_builds=1, heartbeat_seconds=5)
+    config = write_settings(tmp_path / "service.yaml", work_dir=str(work), port=0, allowed_schemes=["file", "http"], max_builds=1, heartbeat_seconds=5)
     token = add_user(work, "alice")
     server = ProcessServer(config)
     try:
@@ -349,6 +349,24 @@ def test_real_builds_through_the_workflow_and_a_restart_mid_build(tmp_path, exam
         receipt = alice.get(f"/api/builds/{build['id']}/image").json()
         assert receipt["tag"] == f"r2s-example:{example_repo.head()}"
 
+        # a private repository: git gets the password from the credential helper, in the
+        # workflow's clone too, and it is written nowhere
+        bare = tmp_path / "git" / "private.git"
+        bare.parent.mkdir()
+        example_repo.git("clone", "--quiet", "--bare", str(example_repo.path), str(bare))
+        git_server = GitHttpServer(bare.parent, {"alice": "alices-password"})
+        try:
+            private = alice.build(git_server.url("private.git", "alice", "alices-password"), "main", image_name="example").json()
+            assert "id" in private, private
+            private_events = alice.events(private["id"])
+            assert private_events[-1]["phase"] == "built", private_events[-5:]
+            assert private["id"] != build["id"] and private_events[-1]["sha"] == build["sha"]
+            assert [p for p in tmp_path.rglob("*") if p.is_file() and b"alices-password" in p.read_bytes()] == []
+            assert not any("alices-password" in e["message"] for e in private_events)
+            assert ("GET", "/private.git/info/refs", "alice", True) in git_server.seen
+        finally:
+            git_server.stop()
+
         # a new commit, and the service stopped while it builds: the client is told it failed
         example_repo.commit("second", {"extra.txt": "more"})
         second = alice.build(url, "main", image_name="example").json()
@@ -373,3 +391,78 @@ def test_real_builds_through_the_workflow_and_a_restart_mid_build(tmp_path, exam
         assert (cached["id"], cached["phase"], cached["sif_sha256"]) == (build["id"], "built", final["sif_sha256"])
     finally:
         server.stop()
+
+
+def sign_in(server, name):
+    """A browser-like session: the XSRF cookie from the sign-in page, then the token posted."""
+    session = requests.Session()
+    page = session.get(server.url + "/", timeout=10)
+    assert page.status_code == 200 and 'name="token"' in page.text
+    answer = session.post(
+        server.url + "/sign-in", data={"token": server.tokens[name], "_xsrf": session.cookies["_xsrf"], "next": "/"}, timeout=10
+    )
+    assert answer.status_code == 200 and "build-form" in answer.text
+    return session
+
+
+def test_cookie_sign_in_and_what_works_without_it(start, repo_url):
+    server, runner = start()
+    anonymous = requests.Session()
+    assert 'name="token"' in anonymous.get(server.url + "/", timeout=10).text
+    launch = anonymous.get(f"{server.url}/v2/git/{requests.utils.quote(repo_url[0], safe='')}/main", timeout=10)
+    assert 'name="token"' in launch.text and runner.started == []
+    wrong = anonymous.post(server.url + "/sign-in", data={"token": "nope", "_xsrf": anonymous.cookies["_xsrf"]}, timeout=10)
+    assert wrong.status_code == 401 and "not valid" in wrong.text
+    badge = anonymous.get(server.url + "/badge.svg", timeout=10)
+    assert badge.headers["Content-Type"] == "image/svg+xml" and badge.text.startswith("<svg")
+
+    session = sign_in(server, "alice")
+    assert session.get(server.url + "/api/users/me", timeout=10).json() == {"name": "alice"}
+    body = {"url": repo_url[0], "ref": "main"}
+    assert "XSRF" in error_of(session.post(server.url + "/api/builds", json=body, timeout=10), 403)
+    answer = session.post(server.url + "/api/builds", json=body, headers={"X-XSRFToken": session.cookies["_xsrf"]}, timeout=10)
+    assert answer.status_code == 200, answer.text
+    # a new token for alice ends the sessions of the old one
+    add_user(server.service.settings["work_dir"], "alice")
+    error_of(session.get(server.url + "/api/users/me", timeout=10), 401)
+    credentials = requests.utils.quote("https://alice:secret@example.org/r.git", safe="")
+    assert "cannot carry credentials" in sign_in(server, "bob").get(f"{server.url}/v2/git/{credentials}/main", timeout=10).text
+
+
+def test_the_web_page_shows_the_live_log_and_the_download_in_chromium(start, repo_url, tmp_path):
+    from chromium import Chromium
+
+    from repo2singularity.service.web import launch_path
+
+    url, repo = repo_url
+    runner = FakeRunner()
+    runner.gate.clear()
+    server, _ = start(runner)
+    browser = Chromium(tmp_path / "chromium-profile")
+    try:
+        browser.navigate(server.url + launch_path(url, "main"))
+        assert browser.evaluate("!!document.getElementById('token')"), "no sign-in form"
+        browser.evaluate(f"document.getElementById('token').value = {json.dumps(server.tokens['alice'])}; document.querySelector('form').submit(); true")
+        browser.wait_for("document.getElementById('user') && document.getElementById('user').textContent === 'alice'", 20, "not signed in")
+        # the launch URL started the build; its log arrives while it runs
+        browser.wait_for("document.getElementById('log').textContent.includes('Step 1/2 : FROM debian')", 20, "no live log line")
+        assert browser.evaluate("document.querySelector('#phases span.current').dataset.phase") == "building"
+        assert browser.evaluate("document.getElementById('result').hidden") is True
+        runner.gate.set()
+        browser.wait_for("!document.getElementById('result').hidden", 20, "no download link")
+        build_id = runner.started[0]
+        assert browser.evaluate("document.getElementById('download').getAttribute('href')") == f"/api/builds/{build_id}/sif"
+        assert browser.evaluate("document.querySelector('#phases span.current').dataset.phase") == "built"
+        log = browser.evaluate("document.getElementById('log').textContent")
+        assert "Step 2/2 : RUN true" in log and "built" in log
+        command = browser.evaluate("document.getElementById('launch-command').textContent")
+        assert f"--endpoint-url {server.url}" in command and f"--ref {repo.head()}" in command and command.endswith(f"'{url}'")
+        # the link downloads the SIF with the sign-in cookie
+        status = browser.evaluate("fetch(document.getElementById('download').href).then(r => r.status + ' ' + r.headers.get('X-Sif-Sha256'))")
+        sha256 = server.service.queue.builds[build_id].sif_sha256
+        assert status == f"200 {sha256}"
+        # the form builds what it is given, and a refusal is one line on the page
+        browser.evaluate("document.getElementById('url').value = 'ext::sh'; document.getElementById('start').click(); true")
+        browser.wait_for("document.getElementById('status').textContent.includes('runs commands')", 20, "no refusal shown")
+    finally:
+        browser.close()

@@ -15,11 +15,17 @@ def main(argv=None):
     parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"the settings file (default {DEFAULT_CONFIG})")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="run the service")
+    commands.add_parser("check", help="check the settings file and say what it sets")
     add_user = commands.add_parser("add-user", help="add a user, or give one a new token (the old one stops working)")
     add_user.add_argument("name")
     args = parser.parse_args(argv)
     try:
         settings = load(args.config)
+        if args.command == "check":
+            print(f"settings of {args.config}: OK")
+            for key, value in settings.items():
+                print(f"  {key}: {value}")
+            return 0
         if args.command == "add-user":
             from pathlib import Path
 

@@ -148,7 +148,7 @@ class BuildQueue:
     def load(self):
         """The builds of earlier runs: built ones serve their SIF again; one that was under way
         when the service stopped is failed, and its workflow (if it outlived us) ended."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         found = []
         for record_file in self.folder.glob("*/build.json"):
             try:

@@ -21,6 +21,10 @@ BADGE = """<svg xmlns="http://www.w3.org/2000/svg" width="150" height="20" role=
 
 
 class WebHandler(BaseHandler):
+    def check_xsrf_cookie(self):
+        # the page's own forms (sign in, sign out) always carry the XSRF value
+        tornado.web.RequestHandler.check_xsrf_cookie(self)
+
     def base_url(self):
         configured = self.service.settings["public_url"].rstrip("/")
         return configured or f"{self.request.protocol}://{self.request.host}"
