@@ -344,6 +344,9 @@ class HTTPBuilder(Builder):
     saved_image_file = "image.build.json"
     # the service fetches the commit itself; clone_source only marks the folder
     fetches_source = True
+    # the steps stay local rules (step_group None): they read the token from the environment
+    # of the workflow's own process, on this machine (hold_token)
+    step_group = None
 
     def __init__(self, config, log=None):
         super().__init__(config, log)
