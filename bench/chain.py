@@ -8,7 +8,7 @@ so only ratios taken in the same run mean anything):
 3. a no-op rerun of the workflow.
 
 Run it as the account that runs the workflow (in the docker group, Apptainer as itself):
-    .venv/bin/python bench/chain.py [--repeat N] [--runtime apptainer] [--sif-conversion fast|apptainer]
+    .venv/bin/python -m bench.chain [--repeat N] [--runtime apptainer] [--sif-conversion fast|apptainer]
 """
 
 import argparse
@@ -21,14 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from repo2singularity.image import ImageSpec, image_labels, repo2docker_command
+from repo2singularity.runtime import compression_arguments
+from tests.conftest import GitRepo
+
 PROJECT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-sys.path.insert(0, str(PROJECT / "workflow" / "scripts"))
-sys.path.insert(0, str(PROJECT / "tests"))
-
-from conftest import GitRepo  # noqa: E402
-from repo2singularity.image import ImageSpec, image_labels, repo2docker_command  # noqa: E402
-from repo2singularity.runtime import compression_arguments  # noqa: E402
 
 
 def run(command, **kwargs):

@@ -13,7 +13,7 @@ its own (a fresh word in the repository), so every step runs. One untimed chain 
 first: repo2docker passes the account's uid to the build, so each kind has layers of its own in
 Docker's cache, and both start warm. Then the order alternates (3, 1, 1, 3, ...). The topology is
 that of tests/hosts (set up and torn down here), so run it as root:
-    .venv/bin/python bench/hosts.py [--rounds 2] [--repo jupyter|tiny] [--target sandbox|build]
+    .venv/bin/python -m bench.hosts [--rounds 2] [--repo jupyter|tiny] [--target sandbox|build]
 """
 
 import argparse
@@ -25,11 +25,10 @@ import sys
 import time
 from pathlib import Path
 
-PROJECT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT / "tests"))
+from tests.hosts.lab import commit, make_builder, make_repo, open_lab, ready_login_node
+from tests.hosts.topology import STATE, run
 
-from hosts.lab import commit, make_builder, make_repo, open_lab, ready_login_node  # noqa: E402
-from hosts.topology import STATE, run  # noqa: E402
+PROJECT = Path(__file__).resolve().parent.parent
 
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 STEPS = ("clone_source", "build_image", "save_image", "build_sif", "unpack_sandbox")

@@ -7,7 +7,7 @@ the first repository, and its result folder (SIF, checksum, receipt, source) is 
 each other repository's commit folder. A no-op run reads only names, times and refs, never the
 SIF's content, so this is the state a real fleet of N built images presents to it.
 
-    .venv/bin/python bench/manifest_noop.py [--images 100] [--rounds 3]
+    .venv/bin/python -m bench.manifest_noop [--images 100] [--rounds 3]
 
 Repositories are read two ways: as local paths (git runs in-process, a few ms each, so
 Snakemake's own start-up of about 1.5 s dominates) and through `git daemon` on 127.0.0.1 (a
@@ -25,15 +25,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from repo2singularity import builds
+from repo2singularity.processes import free_port
+from repo2singularity.repository import Repository
+from tests.conftest import GitRepo
+
 PROJECT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-sys.path.insert(0, str(PROJECT / "tests"))
-sys.path.insert(0, str(PROJECT / "workflow" / "scripts"))
-
-from conftest import GitRepo  # noqa: E402
-from repo2singularity import builds  # noqa: E402
-from repo2singularity.processes import free_port  # noqa: E402
-from repo2singularity.repository import Repository  # noqa: E402
 
 
 def snakemake(workdir, manifest, *args):

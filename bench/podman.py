@@ -7,7 +7,7 @@ the whole `snakemake build`.
 
 Run it as the account that runs the workflow (in the docker group for the Docker side; the
 Podman side runs with DOCKER_HOST pointing nowhere):
-    .venv/bin/python bench/podman.py [--repeat N]
+    .venv/bin/python -m bench.podman [--repeat N]
 """
 
 import argparse
@@ -22,11 +22,10 @@ import time
 import uuid
 from pathlib import Path
 
+from tests.conftest import GitRepo
+
 PROJECT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-sys.path.insert(0, str(PROJECT / "tests"))
-
-from conftest import GitRepo  # noqa: E402
 
 STEPS = ("clone_source", "build_image", "save_image", "build_sif")
 BUILDERS = ("local", "podman")

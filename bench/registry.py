@@ -14,7 +14,7 @@
 
 The registry is Debian's docker-registry (tests/registry_server.py), on 127.0.0.1. Run it as the
 account that runs the workflow (Apptainer runs as itself):
-    .venv/bin/python bench/registry.py [--size-mb 260] [--rounds 5] [--images 100]
+    .venv/bin/python -m bench.registry [--size-mb 260] [--rounds 5] [--images 100]
 """
 
 import argparse
@@ -31,13 +31,10 @@ import threading
 import time
 from pathlib import Path
 
+from repo2singularity import registry
+from tests.registry_server import CertificateAuthority, RegistryServer, TokenService
+
 PROJECT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT / "workflow" / "scripts"))
-sys.path.insert(0, str(PROJECT / "tests"))
-
-from registry_server import CertificateAuthority, RegistryServer, TokenService  # noqa: E402
-
-from repo2singularity import registry  # noqa: E402
 
 USER, PASSWORD = "bench", "bench-password"
 VARIABLE = "R2S_BENCH_REGISTRY_CREDENTIALS"

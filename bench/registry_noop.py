@@ -9,7 +9,7 @@ same run mean anything):
 The images are the seed build of bench/manifest_noop.py hard-linked under N names, and pushed
 under those N names to Debian's docker-registry on 127.0.0.1 (plain HTTP), started here.
 
-    .venv/bin/python bench/registry_noop.py [--images 100] [--rounds 3]
+    .venv/bin/python -m bench.registry_noop [--images 100] [--rounds 3]
 """
 
 import argparse
@@ -22,16 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
-PROJECT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT / "bench"))
-sys.path.insert(0, str(PROJECT / "tests"))
-sys.path.insert(0, str(PROJECT / "workflow" / "scripts"))
+from bench.manifest_noop import BIN, clone_result
+from repo2singularity import registry
+from repo2singularity.shared_sifs import RECEIPT_ANNOTATION
+from tests.conftest import GitRepo
+from tests.registry_server import RegistryServer
 
-from conftest import GitRepo  # noqa: E402
-from manifest_noop import BIN, clone_result  # noqa: E402
-from registry_server import RegistryServer  # noqa: E402
-from repo2singularity import registry  # noqa: E402
-from repo2singularity.shared_sifs import RECEIPT_ANNOTATION  # noqa: E402
+PROJECT = Path(__file__).resolve().parent.parent
 
 
 def timed(workdir, manifest, *args, config=()):

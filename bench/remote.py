@@ -9,7 +9,7 @@ only ratios taken in the same run mean anything):
 
 An sshd of the benchmark's own runs as this account on 127.0.0.1 (as in tests/test_remote.py).
 Run it as the account that runs the workflow:
-    .venv/bin/python bench/remote.py [--repeat N] [--chains N] [--size-mb 300] [--repo tiny|example] [--sif-conversion fast|apptainer]
+    .venv/bin/python -m bench.remote [--repeat N] [--chains N] [--size-mb 300] [--repo tiny|example] [--sif-conversion fast|apptainer]
 With `--against CHECKOUT` (another checkout of the project, e.g. main's), the chains also run that
 checkout's workflow over SSH, in the same rounds: a change's before and after from one run.
 """
@@ -25,15 +25,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from repo2singularity.files import sha256_file
+from repo2singularity.ssh_transport import SSHTransport
+from tests.conftest import GitRepo
+from tests.test_remote import RUNTIME, Sshd, builder_config, keygen, ssh_settings
+
 PROJECT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-sys.path.insert(0, str(PROJECT / "workflow" / "scripts"))
-sys.path.insert(0, str(PROJECT / "tests"))
-
-from conftest import GitRepo  # noqa: E402
-from repo2singularity.files import sha256_file  # noqa: E402
-from repo2singularity.ssh_transport import SSHTransport  # noqa: E402
-from test_remote import RUNTIME, Sshd, builder_config, keygen, ssh_settings  # noqa: E402
 
 
 def quiet(command, **kwargs):

@@ -14,7 +14,7 @@ For each image and each path:
   APPTAINER_CACHEDIR point at while the step runs (each run gets fresh, empty ones).
 
 Run it as the account that runs the workflow (in the docker group, Apptainer as itself):
-    .venv/bin/python bench/sif.py [--repeat N] [--compression zstd] [--image example|large] [--keep]
+    .venv/bin/python -m bench.sif [--repeat N] [--compression zstd] [--image example|large] [--keep]
 """
 
 import argparse
@@ -30,14 +30,12 @@ from pathlib import Path
 
 import psutil
 
+from repo2singularity import archive_to_sif
+from tests.conftest import GitRepo
+
 PROJECT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 SCRIPT = PROJECT / "workflow" / "scripts" / "repo2singularity" / "archive_to_sif.py"
-sys.path.insert(0, str(PROJECT / "tests"))
-sys.path.insert(0, str(PROJECT / "workflow" / "scripts"))
-
-from conftest import GitRepo  # noqa: E402
-from repo2singularity import archive_to_sif  # noqa: E402
 
 LARGE_TAG = "r2s-bench-sif-large:latest"
 LARGE_LAYERS = 16

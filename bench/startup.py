@@ -7,7 +7,7 @@ taken in the same run mean anything).
 - no Slurm: an scontrol that fails at once first on the PATH (as bench/hosts.py's one-host side).
 Each checkout's .venv is timed (give several to compare, e.g. main's and a work tree's), in
 alternating order:
-    .venv/bin/python bench/startup.py [--rounds 3] [CHECKOUT ...]
+    .venv/bin/python -m bench.startup [--rounds 3] [CHECKOUT ...]
 """
 
 import argparse

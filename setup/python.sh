@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Create or update the project's virtual environment (.venv) from the pinned requirements.txt.
-# Idempotent: nothing is installed when .venv already matches requirements.txt.
+# Create or update the project's virtual environment (.venv): the pinned lock requirements.txt,
+# then the package itself (pyproject.toml, workflow/scripts/repo2singularity) installed editable.
+# Idempotent: nothing is installed when .venv already matches both files and holds this checkout's package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 venv=.venv
 stamp="$venv/.requirements.sha256"
-wanted=$(sha256sum requirements.txt | cut -d' ' -f1)
+wanted=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+package="$(pwd)/workflow/scripts/repo2singularity/__init__.py"
 
 # Snakemake imports every executor plugin at start; setup/site/r2s_slurm_probe.py keeps the Slurm
 # plugin's question to the controller from costing 10 s where no controller answers
@@ -17,7 +19,8 @@ install_probe() {
     echo "import r2s_slurm_probe" > "$site/r2s_slurm_probe.pth"
 }
 
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ] && [ -x "$venv/bin/snakemake" ]; then
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ] && [ -x "$venv/bin/snakemake" ] &&
+    [ "$("$venv/bin/python" -c 'import repo2singularity; print(repo2singularity.__file__)' 2>/dev/null)" = "$package" ]; then
     install_probe
     echo "python environment: up to date ($venv)"
     exit 0
@@ -29,7 +32,10 @@ fi
 echo "python environment: installing the pinned requirements into $venv (about a minute)..."
 # a venv made by another user's python (e.g. root's pyenv) may not run for this user: remake it
 "$venv/bin/python" -c '' 2>/dev/null || python3 -m venv --clear "$venv"
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --requirement requirements.txt
+pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
+"${pip[@]}" --requirement requirements.txt
+# the lock already holds every dependency and the build backend (hatchling): resolve nothing more
+"${pip[@]}" --no-deps --no-build-isolation --editable .
 install_probe
 echo "$wanted" > "$stamp"
 echo "python environment: ready ($("$venv/bin/snakemake" --version | sed 's/^/snakemake /'), $("$venv/bin/repo2docker" --version | sed 's/^/repo2docker /'))"

@@ -2,14 +2,12 @@
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import psutil
 import pytest
 
 PROJECT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT / "workflow" / "scripts"))
 
 GIT_IDENTITY = {
     "GIT_AUTHOR_NAME": "Test",

@@ -16,12 +16,11 @@ import requests
 import tornado.ioloop
 import yaml
 
-PROJECT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT / "workflow" / "scripts"))
+from repo2singularity.service import settings as service_settings
+from repo2singularity.service.accounts import Accounts
+from repo2singularity.service.queue import BuildFailed
 
-from repo2singularity.service import settings as service_settings  # noqa: E402
-from repo2singularity.service.accounts import Accounts  # noqa: E402
-from repo2singularity.service.queue import BuildFailed  # noqa: E402
+PROJECT = Path(__file__).resolve().parent.parent
 
 
 class FakeRunner:
@@ -161,7 +160,7 @@ class ProcessServer:
             [sys.executable, "-m", "repo2singularity.service", "--config", str(config_file), "serve"],
             stdout=subprocess.PIPE,
             stderr=self.handle,
-            env={**os.environ, "PYTHONPATH": str(PROJECT / "workflow" / "scripts"), **(env or {})},
+            env={**os.environ, **(env or {})},
             start_new_session=True,
         )
         line = self.process.stdout.readline().decode()

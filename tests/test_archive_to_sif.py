@@ -32,9 +32,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import PROJECT, GitRepo
-from jupyter_client import api, execute
 from repo2singularity import archive_to_sif
+
+from .conftest import PROJECT, GitRepo
+from .jupyter_client import api, execute
 
 pytestmark = pytest.mark.integration
 

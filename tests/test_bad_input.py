@@ -2,7 +2,7 @@
 
 import pytest
 
-from workflow_runner import last_line, snakemake
+from .workflow_runner import last_line, snakemake
 
 
 @pytest.fixture

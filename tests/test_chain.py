@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import PROJECT, files_holding, processes_running, process_tree, sif_compression, still_running
-from jupyter_client import api, execute
 from repo2singularity.processes import alive
-from workflow_runner import snakemake
+
+from .conftest import PROJECT, files_holding, process_tree, processes_running, sif_compression, still_running
+from .jupyter_client import api, execute
+from .workflow_runner import snakemake
 
 RUNTIME = os.environ.get("R2S_RUNTIME") or "apptainer"
 pytestmark = pytest.mark.integration
@@ -34,7 +35,7 @@ def runtime(*args, check=True):
 @pytest.fixture(scope="module")
 def example(tmp_path_factory):
     """The bundled example as a repository of its own, and a working folder for the workflow."""
-    from conftest import GitRepo
+    from .conftest import GitRepo
 
     base = tmp_path_factory.mktemp("chain")
     repo = GitRepo(base / "example-repo", branch="main")

@@ -8,10 +8,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import PROJECT, GitRepo
-from jupyter_client import api
 
 from repo2singularity import cli
+
+from .conftest import PROJECT, GitRepo
+from .jupyter_client import api
 
 URL = "https://github.com/org/repo"
 
@@ -177,7 +178,7 @@ def run_cli(*argv, cwd, env=None, timeout=60):
         text=True,
         cwd=cwd,
         timeout=timeout,
-        env={**os.environ, "PYTHONPATH": str(PROJECT / "workflow" / "scripts"), **(env or {})},
+        env={**os.environ, **(env or {})},
     )
 
 

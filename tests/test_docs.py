@@ -3,12 +3,11 @@ targets they name exist, the README stays short and leads to every page. Reads f
 
 import re
 import shlex
-from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import PROJECT
+from .conftest import PROJECT
 
 README = PROJECT / "README.md"
 DOCS = sorted((PROJECT / "docs").glob("*.md"))

@@ -12,8 +12,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import PROJECT, GitRepo, processes_running, process_tree, still_running
-from workflow_runner import SNAKEMAKE, snakemake
+from .conftest import PROJECT, GitRepo, process_tree, processes_running, still_running
+from .workflow_runner import SNAKEMAKE, snakemake
 
 pytestmark = pytest.mark.integration
 

@@ -11,9 +11,10 @@ import uuid
 
 import pytest
 
-from conftest import GitRepo, files_holding
 from repo2singularity.processes import free_port
-from workflow_runner import PROJECT, SNAKEMAKE, last_line, snakemake
+
+from .conftest import GitRepo, files_holding
+from .workflow_runner import PROJECT, SNAKEMAKE, last_line, snakemake
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import time
 
 import pytest
 import requests
-from conftest import PROJECT
 
 from repo2singularity import builders
 from repo2singularity.builders import InvalidBuilder, http
@@ -199,13 +198,12 @@ def test_slurm_jobs_do_not_get_the_token_and_the_steps_do(tmp_path):
     script.write_text(
         f"""
 import os, subprocess, sys
-sys.path.insert(0, {str(PROJECT / "workflow" / "scripts")!r})
 from repo2singularity.builders import http
 http.HTTPBuilder.prepare_run({{"builder": {{"kind": "http", "url": "https://b.example", "token_env": "R2S_SERVICE_TOKEN", "ca_file": ""}}}}, os.environ)
 job = subprocess.run(["sbatch", "--parsable", "--export=ALL", "--output={tmp_path}/job.out", "--time=1", "--wrap", "env"], capture_output=True, text=True)
 print(job.stdout.strip().split(";")[0] if job.returncode == 0 else "sbatch failed: " + job.stderr)
 step = "from repo2singularity.builders import http; import os; print(http.token_of('R2S_SERVICE_TOKEN', os.environ))"
-print(subprocess.run([sys.executable, "-c", step], capture_output=True, text=True, env={{**os.environ, "PYTHONPATH": {str(PROJECT / "workflow" / "scripts")!r}}}).stdout.strip())
+print(subprocess.run([sys.executable, "-c", step], capture_output=True, text=True, env=os.environ).stdout.strip())
 """
     )
     environ = {**os.environ, "R2S_SERVICE_TOKEN": "s3cret-token", "R2S_TEST_KEPT": "kept"}

@@ -13,10 +13,20 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PROJECT
-from registry_server import CertificateAuthority, free_port
-from service_server import Client, FakeRunner, ProcessServer, ThreadServer, add_user, settings, wait_for, write_settings
-from workflow_runner import SNAKEMAKE
+
+from .conftest import PROJECT
+from .registry_server import CertificateAuthority, free_port
+from .service_server import (
+    Client,
+    FakeRunner,
+    ProcessServer,
+    ThreadServer,
+    add_user,
+    settings,
+    wait_for,
+    write_settings,
+)
+from .workflow_runner import SNAKEMAKE
 
 TOKEN_VARIABLE = "R2S_SERVICE_TOKEN"
 
@@ -235,7 +245,7 @@ def test_repo2singularity_remote_builds_the_example_through_the_service(tmp_path
             text=True,
             cwd=work,
             timeout=1800,
-            env={**os.environ, TOKEN_VARIABLE: token, "PYTHONPATH": str(PROJECT / "workflow" / "scripts")},
+            env={**os.environ, TOKEN_VARIABLE: token},
         )
         assert result.returncode == 0, result.stderr[-5000:]
         folder = work / "results" / "example" / example.head()
@@ -308,7 +318,7 @@ def test_a_build_the_service_no_longer_has_names_the_rule_to_rerun(repo, tmp_pat
 def test_a_private_repository_through_the_service_leaves_its_credentials_nowhere_here(service, repo, tmp_path):
     """A URL with credentials: resolved here and fetched there with them, and they reach no
     file, log or line of output on this side."""
-    from git_http_server import GitHttpServer
+    from .git_http_server import GitHttpServer
 
     bare = tmp_path / "git" / "secret.git"
     bare.parent.mkdir()

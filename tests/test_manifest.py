@@ -4,7 +4,8 @@ import pytest
 
 from repo2singularity import builds
 from repo2singularity.manifest import ManifestError
-from workflow_runner import PROJECT, last_line, snakemake
+
+from .workflow_runner import PROJECT, last_line, snakemake
 
 SCHEMA = PROJECT / "workflow" / "schemas" / "manifest.schema.yaml"
 

@@ -7,8 +7,8 @@ import subprocess
 
 import pytest
 
-from conftest import PROJECT, GitRepo
-from workflow_runner import snakemake
+from .conftest import PROJECT, GitRepo
+from .workflow_runner import snakemake
 
 pytestmark = pytest.mark.integration
 

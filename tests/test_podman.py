@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PROJECT, GitRepo, processes_running
-from jupyter_client import api, execute
 from repo2singularity import builders
 from repo2singularity.builders import podman as podman_builder
 from repo2singularity.step import StepError
 from repo2singularity.tools import describe_progress
-from workflow_runner import SNAKEMAKE, snakemake
+
+from .conftest import PROJECT, GitRepo, processes_running
+from .jupyter_client import api, execute
+from .workflow_runner import SNAKEMAKE, snakemake
 
 RUNTIME = os.environ.get("R2S_RUNTIME") or "apptainer"
 # any use of Docker by the Podman run fails: its engine is not at this address
@@ -152,7 +153,7 @@ def test_a_second_run_has_nothing_to_do(launched, example):
 def test_the_sif_matches_the_docker_builders_sif_of_the_same_commit(launched, example):
     """Same files, types, modes, owners and links; the same contents but for the files apt-get
     stamps with the time of the build; the same labels but for the build's time and tool."""
-    from test_archive_to_sif import Listing, compare, extract_file
+    from .test_archive_to_sif import Listing, compare, extract_file
 
     _, folder, _ = launched
     base, repo = example
@@ -297,7 +298,7 @@ def test_with_the_slurm_profile_the_three_steps_are_one_slurm_job(rootless, tmp_
     together (the image stays in the node's store between them); only the SIF comes back."""
     import re
 
-    from test_slurm import PARTITION
+    from .test_slurm import PARTITION
 
     repo = GitRepo(tmp_path / "slurm-repo", branch="main")
     sha = repo.commit("slurm", {"Dockerfile": f"FROM debian:bookworm\nRUN echo {os.getpid()} > /on-a-node\n"})

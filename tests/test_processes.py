@@ -11,14 +11,15 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import processes_running, started
-from fake_jupyter import Squatter
 from repo2singularity import jupyter, servers, tools
 from repo2singularity.launchers.base import LaunchRequest
 from repo2singularity.launchers.local import LocalLauncher
 from repo2singularity.processes import ProcessIdentity, free_port, listener_in_tree
 from repo2singularity.step import StepError
-from workflow_runner import PROJECT
+
+from .conftest import processes_running, started
+from .fake_jupyter import Squatter
+from .workflow_runner import PROJECT
 
 FAKE_JUPYTER = PROJECT / "tests" / "fake_jupyter.py"
 
@@ -129,7 +130,7 @@ def test_a_slurm_job_names_its_port_only_once_its_own_server_listens_there(tmp_p
         node_file = tmp_path / f"node-{port}.json"
         env_file = jupyter.token_file(tmp_path, "t0ken")
         code = (
-            f"import sys; sys.path.insert(0, {str(PROJECT / 'workflow' / 'scripts')!r})\n"
+            "import sys\n"
             "from repo2singularity.launchers import slurm\n"
             "slurm.reachable_address = lambda: '127.0.0.1'\n"
             f"slurm.free_port = lambda host: {port}\n"
@@ -194,7 +195,7 @@ def test_the_local_server_inherits_neither_the_repository_url_nor_the_registry_c
 
 def test_a_step_drops_the_stashed_repository_url_once_it_has_its_params(tmp_path):
     code = (
-        f"import os, sys; sys.path.insert(0, {str(PROJECT / 'workflow' / 'scripts')!r})\n"
+        "import os\n"
         "from repo2singularity.step import run_step\n"
         "run_step('x', lambda: print(sorted(k for k in os.environ if k.startswith('R2S_REPOSITORY_URL_'))))\n"
     )
@@ -222,7 +223,6 @@ def test_a_step_killed_outright_takes_its_tool_with_it(tmp_path):
     script = tmp_path / "step.py"
     script.write_text(
         "import sys\n"
-        f"sys.path.insert(0, {str(PROJECT / 'workflow' / 'scripts')!r})\n"
         "from repo2singularity.tools import run_logged\n"
         f"run_logged(['sleep', '300.3'], {str(tmp_path / 'log')!r}, 'step')\n"
     )

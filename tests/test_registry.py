@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 import requests
-from registry_server import RegistryServer, CertificateAuthority, TokenService
 
 from repo2singularity import registry
+
+from .registry_server import CertificateAuthority, RegistryServer, TokenService
 
 USER, PASSWORD = "alice", "s3cret-Pa55word"
 SHA = "0123456789abcdef0123456789abcdef01234567"

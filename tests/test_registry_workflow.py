@@ -12,13 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
-from registry_server import CertificateAuthority, RegistryServer
 
-from conftest import GitRepo, files_holding
-from jupyter_client import execute
 from repo2singularity import registry
 from repo2singularity.shared_sifs import RECEIPT_ANNOTATION
-from workflow_runner import PROJECT, SNAKEMAKE, last_line, snakemake
+
+from .conftest import GitRepo, files_holding
+from .jupyter_client import execute
+from .registry_server import CertificateAuthority, RegistryServer
+from .workflow_runner import PROJECT, SNAKEMAKE, last_line, snakemake
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,6 @@ import getpass
 import hashlib
 import json
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -20,15 +19,15 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-
 from snakemake.utils import validate
 
-from conftest import GitRepo, processes_running, sif_compression
 from repo2singularity import builders, ssh_transport
 from repo2singularity.builders import ssh as ssh_builder
 from repo2singularity.processes import free_port
 from repo2singularity.step import StepError
-from workflow_runner import PROJECT, SNAKEMAKE, snakemake
+
+from .conftest import GitRepo, processes_running, sif_compression
+from .workflow_runner import PROJECT, SNAKEMAKE, snakemake
 
 SSHD = "/usr/sbin/sshd"
 RUNTIME = os.environ.get("R2S_RUNTIME") or "apptainer"
@@ -608,7 +607,6 @@ def step_on_builder(lab, tmp_path, body, settings_lines=""):
     script = tmp_path / "step.py"
     script.write_text(
         "import sys\n"
-        f"sys.path.insert(0, {str(PROJECT / 'workflow' / 'scripts')!r})\n"
         "from repo2singularity import ssh_transport\n"
         "from repo2singularity.step import run_step\n"
         f"{settings_lines}"

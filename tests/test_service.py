@@ -5,14 +5,12 @@ through the project's workflow."""
 import concurrent.futures
 import hashlib
 import json
-import threading
-import time
 
 import pytest
 import requests
-from service_server import Client, FakeRunner, ThreadServer, add_user, settings, wait_for
 
-from git_http_server import GitHttpServer
+from .git_http_server import GitHttpServer
+from .service_server import Client, FakeRunner, ThreadServer, add_user, settings, wait_for
 
 
 @pytest.fixture
@@ -306,7 +304,7 @@ def example_repo(make_repo):
     """The bundled example as a repository of its own (a build takes a URL, not a folder)."""
     import shutil
 
-    from service_server import PROJECT
+    from .service_server import PROJECT
 
     repo = make_repo("example")
     shutil.copytree(PROJECT / "example", repo.path, dirs_exist_ok=True)
@@ -317,7 +315,7 @@ def example_repo(make_repo):
 def test_real_builds_through_the_workflow_and_a_restart_mid_build(tmp_path, example_repo):
     import subprocess
 
-    from service_server import ProcessServer, write_settings
+    from .service_server import ProcessServer, write_settings
 
     work = tmp_path / "service"
     config = write_settings(tmp_path / "service.yaml", work_dir=str(work), port=0, allowed_schemes=["file", "http"], max_builds=1, heartbeat_seconds=5)

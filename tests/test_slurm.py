@@ -20,16 +20,17 @@ import psutil
 import pytest
 import requests
 
-from conftest import PROJECT, files_holding, processes_running, process_tree, started, still_running
-from jupyter_client import api, execute
 from repo2singularity import jupyter, servers, slurm
+from repo2singularity.launchers import slurm as slurm_launcher
 from repo2singularity.launchers.base import LaunchRequest
 from repo2singularity.launchers.local import LocalLauncher
-from repo2singularity.launchers import slurm as slurm_launcher
 from repo2singularity.launchers.slurm import own_addresses, reachable_address, ssh_tunnel
 from repo2singularity.processes import ProcessIdentity
 from repo2singularity.step import StepError
-from workflow_runner import snakemake
+
+from .conftest import PROJECT, files_holding, process_tree, processes_running, started, still_running
+from .jupyter_client import api, execute
+from .workflow_runner import snakemake
 
 PROFILE = str(PROJECT / "profiles" / "slurm")
 PARTITION = "debug"
@@ -245,7 +246,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def example(cluster, tmp_path_factory):
-    from conftest import GitRepo
+    from .conftest import GitRepo
 
     base = tmp_path_factory.mktemp("slurm")
     repo = GitRepo(base / "example-repo", branch="main")

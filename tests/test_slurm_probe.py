@@ -6,10 +6,10 @@ import sys
 import textwrap
 import time
 
-from conftest import PROJECT
+# set-up installs it into .venv, whose r2s_slurm_probe.pth has imported it already
+import r2s_slurm_probe
 
-sys.path.insert(0, str(PROJECT / "setup" / "site"))
-import r2s_slurm_probe  # noqa: E402
+from .conftest import PROJECT
 
 
 class Asked:

@@ -6,13 +6,14 @@ import stat
 
 import pytest
 
-from conftest import processes_running
 from repo2singularity import step as steps
 from repo2singularity.files import write_json_atomic
 from repo2singularity.jupyter import server_command
 from repo2singularity.runtime import choose_compression, compression_arguments
 from repo2singularity.step import StepError
 from repo2singularity.tools import run_logged
+
+from .conftest import processes_running
 
 
 def test_auto_compression_is_zstd_where_the_runtime_takes_mksquashfs_args():
@@ -104,13 +105,10 @@ def test_a_tool_deaf_to_the_first_sigterm_is_still_stopped_despite_a_second_one(
     import subprocess
     import sys
     import time
-    from pathlib import Path
 
-    scripts = Path(__file__).resolve().parent.parent / "workflow" / "scripts"
     script = tmp_path / "step.py"
     script.write_text(
         "import os, signal, sys, threading, time\n"
-        f"sys.path.insert(0, {str(scripts)!r})\n"
         "from repo2singularity import step, tools\n"
         "signal.signal(signal.SIGTERM, step.stop_on_signal)\n"
         "def twice():\n"

@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import PROJECT
+from .conftest import PROJECT
 
 BIN = Path(sys.executable).parent
 

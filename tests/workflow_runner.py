@@ -1,6 +1,5 @@
 """Run the real workflow as a user would: `snakemake` in a working folder of the test's own."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path

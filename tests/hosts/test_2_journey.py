@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from jupyter_client import execute
-
+from ..jupyter_client import execute
 from .topology import ADDRESSES, BUILD_ACCOUNT, LOGIN_ACCOUNT, wait_for
 
 TUNNEL_LINE = re.compile(r"from your own machine: (ssh -N -L \S+ \S+), then open (\S+)")

@@ -11,13 +11,11 @@ from pathlib import Path
 
 import pytest
 
-TESTS = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(TESTS))
-sys.path.insert(0, str(TESTS.parent / "workflow" / "scripts"))
+from repo2singularity.launchers.base import LaunchRequest
+from repo2singularity.launchers.local import LocalLauncher
+from repo2singularity.step import StepError
 
-from repo2singularity.launchers.base import LaunchRequest  # noqa: E402
-from repo2singularity.launchers.local import LocalLauncher  # noqa: E402
-from repo2singularity.step import StepError  # noqa: E402
+TESTS = Path(__file__).resolve().parent.parent
 
 if os.geteuid() != 0:
     raise RuntimeError("tests/root runs as root: it makes throw-away accounts (pytest tests/root, as root)")

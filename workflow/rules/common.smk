@@ -9,9 +9,15 @@ from snakemake.utils import min_version, validate
 
 min_version("9.0")
 
-sys.path.insert(0, str(Path(workflow.basedir) / "workflow" / "scripts"))
-
-from repo2singularity import PROGRAM, builders, builds, registry, results, servers
+try:
+    from repo2singularity import PROGRAM, builders, builds, registry, results, servers
+except ModuleNotFoundError as error:
+    if error.name != "repo2singularity":
+        raise
+    # a .venv made before the package was installed into it, or another Python's snakemake
+    sys.exit(
+        f"the repo2singularity package is not installed for {sys.executable}; run `bash setup/python.sh`"
+    )
 from repo2singularity.repository import redact_url
 from repo2singularity.shared_sifs import PULLED, PUSHED
 

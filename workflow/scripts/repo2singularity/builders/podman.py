@@ -33,8 +33,6 @@ from ..step import StepError
 from ..tools import run_logged, say, tail
 from .local import PROGRESS_SECONDS, LocalBuilder
 
-# the folder that holds `repo2singularity`: what the repo2docker process imports this file from
-SCRIPTS = Path(__file__).resolve().parents[2]
 # what a full disk looks like in Podman's and repo2docker's output
 DISK_FULL = ("no space left on device", "disk quota exceeded")
 SUBORDINATE_MINIMUM = 65536
@@ -183,7 +181,7 @@ class PodmanBuilder(LocalBuilder):
         engine = "podman " + podman("--version").split()[-1]
         # runpy warns that the package imported this file before it runs as __main__: harmless here
         command = [sys.executable, "-W", "ignore::RuntimeWarning:runpy", "-m", "repo2singularity.builders.podman", *repo2docker_command("repo2docker", source, spec)[1:]]
-        environment = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(SCRIPTS), os.environ.get("PYTHONPATH")])))
+        environment = dict(os.environ)
         # Docker is not used: a DOCKER_HOST left in the environment must not matter
         environment.pop("DOCKER_HOST", None)
         with commit_lock(spec.tag):
