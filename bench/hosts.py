@@ -8,30 +8,45 @@
   `builder: local`: the same tools on the same Docker engine, no SSH, no Slurm.
 With `--target build` both stop at the SIF: the builder over SSH alone, without Slurm.
 
+With `--cached`, the time to a notebook for a commit the registry already holds: a registry on
+the login host (Debian's docker-registry), the commit built and pushed once (not timed), then
+each round removes the commit's folder from the login account's results/ and times
+`snakemake --profile remote --config repo=... ref=main launch_on=slurm registry_mode=pull ...`
+until the run ends (the launch rule ends when the URL answers with the token), with where the
+time went: Snakemake's own, each step's (the workflow's benchmark files) and the launch's phases.
+
+`--against CHECKOUT` (another checkout of the project, e.g. main's) adds that checkout's workflow
+as a second login-node copy, run in the same rounds (the three-host chain, or the cached launch):
+a change's before and after from one run.
+
 Both build the same repository from the login host's git daemon; every chain builds a commit of
 its own (a fresh word in the repository), so every step runs. One untimed chain of each kind comes
 first: repo2docker passes the account's uid to the build, so each kind has layers of its own in
 Docker's cache, and both start warm. Then the order alternates (3, 1, 1, 3, ...). The topology is
 that of tests/hosts (set up and torn down here), so run it as root:
-    .venv/bin/python -m bench.hosts [--rounds 2] [--repo jupyter|tiny] [--target sandbox|build]
+    .venv/bin/python -m bench.hosts [--rounds 2] [--repo jupyter|tiny] [--target sandbox|build] [--cached] [--against CHECKOUT]
 """
 
 import argparse
 import csv
+import json
 import os
+import re
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-from tests.hosts.lab import commit, make_builder, make_repo, open_lab, ready_login_node
-from tests.hosts.topology import STATE, run
+from tests.hosts.lab import EXCLUDED, commit, make_builder, make_repo, open_lab, ready_login_node
+from tests.hosts.topology import STATE, LabRegistry, run
 
 PROJECT = Path(__file__).resolve().parent.parent
 
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 STEPS = ("clone_source", "build_image", "save_image", "build_sif", "unpack_sandbox")
+CACHED_STEPS = ("pull_sif", "unpack_sandbox", "launch_jupyter")
 JUPYTER_FILES = ("Dockerfile", "entrypoint", "start", "hello.ipynb", "README.md")
 
 
@@ -41,9 +56,9 @@ def repository_files(kind, word):
     return {**{name: PROJECT / "example" / name for name in JUPYTER_FILES}, "round.txt": f"{word}\n"}
 
 
-def step_seconds(folder):
+def step_seconds(folder, steps=STEPS):
     seconds = {}
-    for step in STEPS:
+    for step in steps:
         table = folder / "benchmarks" / f"{step}.tsv"
         if table.exists():
             with open(table) as handle:
@@ -73,12 +88,13 @@ class Chains:
         self.lab.git.push("bench", self.work)
         return run(["git", "-C", self.work, "rev-parse", "HEAD"]).stdout.strip()
 
-    def three_hosts(self):
+    def three_hosts(self, checkout=None):
+        checkout = checkout or self.lab.checkout
         sha = self.new_commit()
         started = time.monotonic()
-        self.lab.as_login(["snakemake", "--profile", "remote", self.target, "--config", f"repo={self.url}", "ref=main"])
+        as_login(self.lab, checkout, ["snakemake", "--profile", "remote", self.target, "--config", f"repo={self.url}", "ref=main"])
         elapsed = time.monotonic() - started
-        return elapsed, step_seconds(next((self.lab.checkout / "results").glob(f"*/{sha}")))
+        return elapsed, step_seconds(next((checkout / "results").glob(f"*/{sha}")))
 
     def one_host(self):
         sha = self.new_commit()
@@ -96,35 +112,123 @@ class Chains:
         return elapsed, step_seconds(next((self.one_host_dir / "results").glob(f"*/{sha}")))
 
 
+def as_login(lab, checkout, argv, **kwargs):
+    """A command of the login account in one of its checkouts (lab.as_login runs in lab.checkout)."""
+    return lab.login.run(argv, user=lab.login_account, env=lab.venv_env(), cwd=checkout, timeout=3600, **kwargs)
+
+
+def against_checkout(lab, source):
+    """A second copy of the project for the login account: `source`'s files, the lab checkout's
+    .venv and filled-in builder.yaml (so only the workflow differs)."""
+    target = lab.login_account.home / "repo2singularity-against"
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir()
+    pack = subprocess.Popen(["tar", "-c", *EXCLUDED, "-C", str(source), "."], stdout=subprocess.PIPE)
+    run(["tar", "-x", "-C", target], stdin=pack.stdout)
+    assert pack.wait() == 0
+    (target / ".venv").symlink_to(lab.checkout / ".venv")
+    shutil.copy(lab.checkout / "profiles" / "remote" / "builder.yaml", target / "profiles" / "remote" / "builder.yaml")
+    run(["chown", "-R", "-h", f"{lab.login_account.name}:{lab.login_account.name}", target])
+    return target
+
+
+LAUNCH_NOTE = re.compile(r"^\d{4}-\d\d-\d\dT[\d:]+\S* (?P<what>Slurm job \d+ .*)$")
+
+
+def launch_phases(log):
+    """The launch log's notes about its job (submitted, running, the sandbox, the answer)."""
+    return [match["what"] for line in (Path(log).read_text().splitlines() if Path(log).exists() else []) if (match := LAUNCH_NOTE.match(line))]
+
+
+def cached(args):
+    """The time to a notebook for a commit the registry holds, with where the seconds went."""
+    with open_lab() as lab:
+        ready_login_node(lab, make_builder(lab))
+        registry = LabRegistry(lab.network).start()
+        checkouts = {"this": lab.checkout}
+        if args.against:
+            checkouts["against"] = against_checkout(lab, args.against)
+        work = STATE / "repos" / "cached"
+        make_repo(work, repository_files(args.repo, os.urandom(8).hex()))
+        url = lab.git.publish("cached", work)
+        sha = run(["git", "-C", work, "rev-parse", "HEAD"]).stdout.strip()
+        config = [f"repo={url}", "ref=main", *registry.config()]
+        started = time.monotonic()
+        as_login(lab, lab.checkout, ["snakemake", "--profile", "remote", "build", "--config", *config, "registry_mode=push"])
+        print(f"  built on the builder and pushed: {time.monotonic() - started:.1f} s (not counted)", flush=True)
+        times = {name: [] for name in checkouts}
+        steps = {name: [] for name in checkouts}
+        for number in range(args.rounds):
+            for name in checkouts if number % 2 == 0 else reversed(checkouts):
+                checkout = checkouts[name]
+                for folder in (checkout / "results").glob(f"*/{sha}"):
+                    shutil.rmtree(folder)
+                started = time.monotonic()
+                result = as_login(lab, checkout, ["snakemake", "--profile", "remote", "--config", *config, "registry_mode=pull", "launch_on=slurm"],
+                                  check=False)
+                elapsed = time.monotonic() - started
+                folder = next((checkout / "results").glob(f"*/{sha}"), None)
+                connection = folder / "launch.json" if folder else None
+                if result.returncode != 0 or not connection or not connection.exists():
+                    raise SystemExit(f"the cached launch failed ({name}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+                answered = json.loads(connection.read_text())["url_with_token"]
+                seconds = step_seconds(folder, CACHED_STEPS)
+                times[name].append(elapsed)
+                steps[name].append(seconds)
+                print(f"  round {number + 1}, {name:7s}: {elapsed:5.1f} s to {answered.split('?')[0]}  "
+                      + "  ".join(f"{step} {seconds.get(step, 0):.1f}" for step in CACHED_STEPS)
+                      + f"  Snakemake and the rest {elapsed - sum(seconds.values()):.1f}", flush=True)
+                for what in launch_phases(folder / "logs" / "launch_jupyter.log"):
+                    print(f"      launch_jupyter: {what}", flush=True)
+                as_login(lab, checkout, ["snakemake", "--profile", "remote", "stop", "--config", *config])
+    print(f"\ncached commit -> URL answering with the token (launch_on=slurm), repo {args.repo}, median of {args.rounds}:")
+    for name, checkout in checkouts.items():
+        medians = {step: statistics.median(s.get(step, 0) for s in steps[name]) for step in CACHED_STEPS}
+        total = statistics.median(times[name])
+        print(f"   {name} ({args.against if name == 'against' else PROJECT}): {total:.1f} s (goal <= 15)  ({', '.join(f'{t:.1f}' for t in times[name])})")
+        print("      " + "  ".join(f"{step} {value:.1f}" for step, value in medians.items())
+              + f"  Snakemake and the rest {total - sum(medians.values()):.1f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=2, help="chains of each kind, in alternating order")
     parser.add_argument("--target", choices=("sandbox", "build"), default="sandbox", help="where the chain stops: the sandbox, or the SIF")
     parser.add_argument("--repo", choices=("jupyter", "tiny"), default="jupyter",
                         help="jupyter: the bundled example (Debian's Jupyter, a ~260 MB SIF); tiny: debian + 24 MB of random bytes")
+    parser.add_argument("--cached", action="store_true", help="time a cached commit's launch on Slurm instead of the cold chain")
+    parser.add_argument("--against", type=Path, help="another checkout run in the same rounds (before and after)")
     args = parser.parse_args()
-    times = {"three hosts": [], "one host": []}
-    steps = {"three hosts": [], "one host": []}
+    if args.cached:
+        return cached(args)
+    modes = ("three hosts", "one host", "three (against)") if args.against else ("three hosts", "one host")
+    times = {mode: [] for mode in modes}
+    steps = {mode: [] for mode in modes}
     with open_lab() as lab:
         ready_login_node(lab, make_builder(lab))
         chains = Chains(lab, args.repo, args.target)
-        for mode, chain in (("three hosts", chains.three_hosts), ("one host", chains.one_host)):
-            print(f"  warm-up, {mode:11s}: {chain()[0]:6.1f} s (not counted)", flush=True)
+        against = against_checkout(lab, args.against) if args.against else None
+        run_chain = {"three hosts": chains.three_hosts, "one host": chains.one_host, "three (against)": lambda: chains.three_hosts(against)}
+        for mode in modes:
+            print(f"  warm-up, {mode:15s}: {run_chain[mode]()[0]:6.1f} s (not counted)", flush=True)
         for number in range(args.rounds):
-            order = ("three hosts", "one host") if number % 2 == 0 else ("one host", "three hosts")
+            order = modes if number % 2 == 0 else tuple(reversed(modes))
             for mode in order:
-                elapsed, seconds = chains.three_hosts() if mode == "three hosts" else chains.one_host()
+                elapsed, seconds = run_chain[mode]()
                 times[mode].append(elapsed)
                 steps[mode].append(seconds)
-                print(f"  round {number + 1}, {mode:11s}: {elapsed:6.1f} s  "
+                print(f"  round {number + 1}, {mode:15s}: {elapsed:6.1f} s  "
                       + "  ".join(f"{step} {seconds.get(step, 0):.1f}" for step in STEPS), flush=True)
     print(f"\ncold chain (resolve -> {args.target}), repo {args.repo}, median of {args.rounds}:")
     for mode in times:
-        print(f"   {mode:11s} {statistics.median(times[mode]):7.1f} s   ({', '.join(f'{t:.1f}' for t in times[mode])})")
+        print(f"   {mode:15s} {statistics.median(times[mode]):7.1f} s   ({', '.join(f'{t:.1f}' for t in times[mode])})")
         medians = {step: statistics.median(s.get(step, 0) for s in steps[mode]) for step in STEPS}
         print("               " + "  ".join(f"{step} {value:.1f}" for step, value in medians.items()))
     ratio = statistics.median(times["three hosts"]) / statistics.median(times["one host"])
-    print(f"   ratio three hosts / one host: {ratio:.2f} (goal <= 1.10)")
+    print(f"   ratio three hosts / one host: {ratio:.2f} (goal <= 1.3)")
+    if args.against:
+        ratio = statistics.median(times["three (against)"]) / statistics.median(times["one host"])
+        print(f"   ratio three hosts ({args.against}) / one host: {ratio:.2f}")
 
 
 if __name__ == "__main__":

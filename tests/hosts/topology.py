@@ -21,6 +21,7 @@ import contextlib
 import ctypes
 import fcntl
 import grp
+import json
 import os
 import pwd
 import shutil
@@ -403,6 +404,39 @@ class GitServer:
 
     def push(self, name, working_repo):
         run(["git", "-C", working_repo, "push", "--quiet", "--force", str(self.base / f"{name}.git"), "HEAD:main"])
+
+
+class LabRegistry:
+    """Debian's docker-registry on the login host's address, in plain HTTP, storage in STATE: the
+    registry a cached commit's SIF is pulled from (`registry_plain_http`, the lab has no CA)."""
+
+    PORT = 5000
+
+    def __init__(self, network):
+        self.login = network["login"]
+        self.folder = STATE / "registry"
+
+    @property
+    def url(self):
+        return f"oras://{self.login.address}:{self.PORT}/lab"
+
+    def config(self):
+        return [f"registry={self.url}", "registry_plain_http=true"]
+
+    def start(self):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        config = self.folder / "config.yml"
+        # JSON is YAML
+        config.write_text(json.dumps({
+            "version": 0.1,
+            "log": {"level": "warn"},
+            "storage": {"filesystem": {"rootdirectory": str(self.folder / "storage")}},
+            "http": {"addr": f"{self.login.address}:{self.PORT}"},
+        }))
+        with open(self.folder / "registry.log", "ab") as log:
+            self.login.popen(["/usr/bin/docker-registry", "serve", config], stdout=log, stderr=subprocess.STDOUT)
+        wait_for(lambda: self.login.connects(self.login.address, self.PORT), 20, "docker-registry did not start")
+        return self
 
 
 class TunnelSshd:
