@@ -6,6 +6,7 @@ import getpass
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import stat
@@ -64,6 +65,55 @@ def test_job_script_quotes_every_word(tmp_path):
     assert script.startswith("#!/bin/sh\n")
     assert "'/a b/sandbox'" in script and "'$(x)'" in script
     assert "serve_jupyter.py " in script and " -- apptainer run " in script
+
+
+def test_job_script_that_unpacks_first_passes_the_sif_and_sandbox_as_words(tmp_path):
+    unpack = ["apptainer", "/r s/x.sif", "/r s/x.sif.sha256", "/r s/sandbox", "/r s/logs/unpack_sandbox.log"]
+    script = slurm.job_script("/venv/bin/python", "/w/serve_jupyter.py", tmp_path / "node.json", ["apptainer", "run", "/r s/sandbox"], unpack)
+    words = shlex.split(script.splitlines()[-1])
+    assert words[4:10] == ["--unpack", *unpack] and words[10] == "--" and words[11:] == ["apptainer", "run", "/r s/sandbox"]
+
+
+def test_a_sandbox_newer_than_its_sif_is_kept_an_older_one_unpacked_again(tmp_path):
+    sif, sandbox = tmp_path / "x.sif", tmp_path / "sandbox"
+    sif.write_text("sif")
+    assert not slurm_launcher.sandbox_is_current(sandbox, sif)
+    sandbox.mkdir()
+    os.utime(sif, (1000, 1000))
+    assert slurm_launcher.sandbox_is_current(sandbox, sif)
+    os.utime(sif, None)
+    os.utime(sandbox, (1000, 1000))
+    assert not slurm_launcher.sandbox_is_current(sandbox, sif)
+
+
+def test_a_job_that_unpacks_gets_the_launch_timeout_for_that_and_says_so(monkeypatch, tmp_path):
+    monkeypatch.setattr(slurm, "job_state", lambda job_id: ("RUNNING", "node1"))
+    monkeypatch.setattr(slurm_launcher, "POLL_SECONDS", 0.05)
+    log = tmp_path / "launch.log"
+    with pytest.raises(StepError) as error:
+        slurm_launcher.SlurmLauncher.wait_for_server("7", tmp_path / "node.json", "t", 600, 1, tmp_path / "log", log, True)
+    assert "the Slurm job 7 (RUNNING: node1) did not unpack the sandbox within 1 s (launch_timeout" in str(error.value)
+    assert "Slurm job 7 left the queue (RUNNING)" in log.read_text()
+
+
+def test_the_server_gets_its_own_launch_timeout_from_when_the_job_says_where_it_listens(monkeypatch, tmp_path):
+    node_file = tmp_path / "node.json"
+    calls = {"n": 0}
+
+    def job_state(job_id):
+        calls["n"] += 1
+        if calls["n"] == 15:  # after most of the first second, the unpack ends
+            node_file.write_text(json.dumps({"node": "node1", "host": "127.0.0.1", "port": 9, "unpack_seconds": 0.7}))
+        return "RUNNING", "node1"
+
+    monkeypatch.setattr(slurm, "job_state", job_state)
+    monkeypatch.setattr(slurm_launcher, "POLL_SECONDS", 0.05)
+    monkeypatch.setattr(slurm_launcher, "status", lambda url, token: 200 if calls["n"] >= 30 else None)
+    log = tmp_path / "launch.log"
+    node = slurm_launcher.SlurmLauncher.wait_for_server("7", node_file, "t", 600, 1, tmp_path / "log", log, True)
+    assert node["node"] == "node1"
+    text = log.read_text()
+    assert "sandbox ready (unpacked in 0.7 s), server starting on 127.0.0.1:9" in text and "answered with the token" in text
 
 
 def test_culling_settings_follow_the_jupyter_application():
@@ -335,19 +385,14 @@ def server(launched):
 
 
 @integration
-def test_sandbox_is_built_by_a_slurm_job(launched):
-    output = launched.result.stdout + launched.result.stderr
-    records = launched.job_records
-    assert records, f"no job went to Slurm:\n{output[-3000:]}"
-    sandbox_jobs = [record for record in records.values() if "Comment=rule_unpack_sandbox" in record]
-    assert len(sandbox_jobs) == 1, records
-    # run by Slurm as the account that ran the workflow, and finished
-    assert "JobState=COMPLETED" in sandbox_jobs[0] and f"UserId={getpass.getuser()}(" in sandbox_jobs[0]
-    # with the resources the profile sets for it
-    assert "MinMemoryNode=2000M" in sandbox_jobs[0] and "TimeLimit=00:30:00" in sandbox_jobs[0], sandbox_jobs[0]
-    # builder rules stayed on this machine
-    assert not any("rule_build_image" in record or "rule_build_sif" in record for record in records.values())
+def test_the_jupyter_job_unpacks_the_sandbox_on_its_node_before_it_serves(launched):
+    # one Slurm job where there were two: nothing went to the executor, whose round trips
+    # (submission, status polls) cost seconds; the builder rules stayed on this machine
+    assert not launched.job_records, launched.job_records
+    log = (launched.folder / "logs" / "unpack_sandbox.log").read_text()
+    assert f"on node {socket.gethostname()}, in the Jupyter server's Slurm job" in log, log
     assert (launched.folder / "sandbox" / "home" / "jovyan").is_dir()
+    assert "sandbox ready (unpacked in " in (launched.folder / "logs" / "launch_jupyter.log").read_text()
 
 
 @integration
@@ -546,3 +591,16 @@ def test_the_slurm_job_of_a_server_inherits_neither_the_repository_url_nor_the_r
         assert "hunter2" not in run_tool("scontrol", "show", "job", "--details", str(job_id))
     finally:
         launcher.stop(connection)
+
+
+@integration
+def test_the_sandbox_target_is_still_a_slurm_job_with_the_profiles_resources(launched):
+    # last in this module: it unpacks the sandbox anew, under any server still running from it
+    stop(launched.workdir, launched.repo)
+    result = on_slurm(launched.workdir, "sandbox", "--forcerun", "unpack_sandbox", config=config_for(launched.repo))
+    submitted = re.findall(r"Job \d+ has been submitted with SLURM jobid (\d+)", result.stdout + result.stderr)
+    assert len(submitted) == 1, result.stderr[-3000:]
+    record = run_tool("scontrol", "show", "job", submitted[0])
+    assert "Comment=rule_unpack_sandbox" in record and "JobState=COMPLETED" in record and f"UserId={getpass.getuser()}(" in record
+    assert "MinMemoryNode=2000M" in record and "TimeLimit=00:30:00" in record, record
+    assert (launched.folder / "sandbox" / "home" / "jovyan").is_dir()

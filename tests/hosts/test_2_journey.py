@@ -1,7 +1,7 @@
 """The journey end to end, as the login account on the login host, from its checkout prepared with
 `bash setup.sh login remote`: `snakemake --profile remote --config repo=<served repo> ref=main
-launch_on=slurm`. The builder steps run on the builder over SSH, the sandbox and Jupyter as Slurm
-jobs on node1; the user's own machine (the laptop namespace) reaches the server through the
+launch_on=slurm`. The builder steps run on the builder over SSH, the sandbox and Jupyter in one
+Slurm job on node1; the user's own machine (the laptop namespace) reaches the server through the
 tunnel the run prints. One run serves every test here."""
 
 import json
@@ -40,13 +40,13 @@ def test_the_login_account_never_touched_docker(lab, journey):
     assert "docker.sock" not in journey.output
 
 
-def test_the_sandbox_job_ran_on_node1(lab, journey):
-    jobs = journey.sandbox_jobs()
-    assert len(jobs) == 1, journey.output[-3000:]
-    record = lab.cluster.job(jobs[0])
-    assert (record["NodeList"], record["JobState"], record["UserId"].split("(")[0]) == ("node1", "COMPLETED", LOGIN_ACCOUNT)
-    assert record.get("Comment", "").startswith("rule_unpack_sandbox"), record
+def test_the_jupyter_job_unpacked_the_sandbox_on_node1(lab, journey):
+    # one Slurm job, not an executor job for the sandbox and then the server's
+    assert journey.sandbox_jobs() == [], journey.output[-3000:]
+    log = (journey.folder / "logs" / "unpack_sandbox.log").read_text()
+    assert "on node node1, in the Jupyter server's Slurm job" in log, log
     assert (journey.folder / "sandbox" / "home" / "jovyan" / "hello.ipynb").is_file()
+    assert journey.folder.joinpath("sandbox").stat().st_uid == lab.login_account.uid
 
 
 def test_the_jupyter_job_ran_on_node1(lab, journey):

@@ -218,6 +218,20 @@ def get_step_benchmark(step):
     return f"{RESULTS}/{{name}}/{{sha}}/benchmarks/{step}.tsv"
 
 
+def get_launch_inputs(wildcards):
+    """What the launch starts from: the sandbox; for a Slurm launch the SIF, which the server's
+    own job unpacks on its node first (one Slurm job where there were two, each a round trip
+    of submission and status polls), keeping a sandbox that is already there and newer.
+    """
+    folder = f"{RESULTS}/{wildcards.name}/{wildcards.sha}"
+    if config["launch_on"] == "slurm":
+        return {
+            "sif": f"{folder}/{wildcards.name}.sif",
+            "checksum": f"{folder}/{wildcards.name}.sif.sha256",
+        }
+    return {"sandbox": f"{folder}/sandbox"}
+
+
 def get_launch_runtime_args(wildcards):
     """The config's `launch_runtime_args`, then the image's own `runtime_options` (manifest)."""
     return [*config["launch_runtime_args"], *get_build(wildcards).runtime_options]

@@ -1,6 +1,6 @@
 rule launch_jupyter:
     input:
-        sandbox=rules.unpack_sandbox.output.sandbox,
+        unpack(get_launch_inputs),
         receipt=rules.build_image.output.receipt,
     output:
         connection=f"{RESULTS}/{{name}}/{{sha}}/launch.json",
@@ -14,6 +14,9 @@ rule launch_jupyter:
     params:
         runtime=settings.runtime,
         server_log=f"{RESULTS}/{{name}}/{{sha}}/logs/jupyter-server.log",
+        # a Slurm launch unpacks it in the server's job; a local one takes unpack_sandbox's
+        sandbox=rules.unpack_sandbox.output.sandbox,
+        unpack_log=get_step_log("unpack_sandbox"),
         jupyter_command=settings.jupyter_command,
         timeout=settings.launch_timeout,
         writable=settings.launch_writable,

@@ -8,7 +8,11 @@ from repo2singularity.step import run_step
 
 request = launchers.LaunchRequest(
     runtime=snakemake.params.runtime,
-    sandbox=snakemake.input.sandbox,
+    sandbox=snakemake.params.sandbox,
+    # a Slurm launch starts from the SIF and unpacks it in the server's job
+    sif=snakemake.input.get("sif"),
+    checksum=snakemake.input.get("checksum"),
+    unpack_log=snakemake.params.unpack_log,
     image=json.loads(Path(snakemake.input.receipt).read_text()),
     connection_file=snakemake.output.connection,
     server_log=snakemake.params.server_log,

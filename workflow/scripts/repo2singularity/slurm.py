@@ -30,11 +30,12 @@ def sbatch_command(script, job_name, output, workdir, partition="", time_limit="
     return command + [*extra_args, str(script)]
 
 
-def job_script(python, entry, node_file, command):
+def job_script(python, entry, node_file, command, unpack=None):
     """A POSIX shell script that hands over to `entry` (workflow/scripts/serve_jupyter.py), which
+    unpacks the sandbox first when `unpack` (runtime, sif, checksum, sandbox, log) is given,
     picks the address and port on the node (only the node knows which are free) and then
     becomes the server itself."""
-    words = [python, entry, node_file, "--", *command]
+    words = [python, entry, node_file, *(["--unpack", *unpack] if unpack else []), "--", *command]
     return (
         "#!/bin/sh\n"
         "# Jupyter server of repo2singularity, written and submitted by the launch_jupyter rule\n"

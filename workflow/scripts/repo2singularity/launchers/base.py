@@ -27,6 +27,10 @@ class LaunchRequest:
     log: str | None = None
     runtime_args: tuple = ()
     binds: tuple = ()
+    # set when the launch unpacks the sandbox itself (a Slurm launch, in the server's job)
+    sif: str | None = None
+    checksum: str | None = None
+    unpack_log: str | None = None
 
     def server_command(self, env_file, port, runtime_args=()):
         """The runtime's command for this server, with the idle shutdown asked for; `port` None

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 
-from .. import slurm
+from .. import runtime, slurm
 from ..files import write_json_atomic, write_text_atomic
 from ..jupyter import OWNER_ONLY, POLL_SECONDS, create_owner_only, note, now, status, token_file
 from ..processes import alive, free_port, listener_in_tree
@@ -95,12 +95,50 @@ def reachable_address(submit_host=None, node=None):
     raise StepError(f"node {own_name} has no address but loopback that the login node {submit_host or '(unknown)'} could reach")
 
 
-def serve(node_file, command):
-    """Inside the Slurm job: pick a free port on an address the login node reaches, become the
-    server (exec, so Slurm's signals reach it directly), and tell the waiting rule where once
-    the server itself listens there: the rule sends the token to that port, which another
-    account on the node could have bound in between (a watcher process says it, see
-    `report_when_listening`)."""
+def sandbox_is_current(sandbox, sif):
+    """A sandbox already unpacked from this SIF (made after it; a rebuilt SIF is newer)."""
+    try:
+        return Path(sandbox).is_dir() and Path(sandbox).stat().st_mtime >= Path(sif).stat().st_mtime
+    except OSError:
+        return False
+
+
+def unpack_here(runtime_name, sif, checksum, sandbox, log):
+    """The sandbox from the SIF on this node, unless it is there already; seconds it took."""
+    started = time.monotonic()
+    if sandbox_is_current(sandbox, sif):
+        note(log, f"sandbox {sandbox} is newer than {Path(sif).name}: kept (node {socket.gethostname()})")
+        return 0.0
+    note(log, f"unpacking {Path(sif).name} on node {socket.gethostname()}, in the Jupyter server's Slurm job")
+    runtime.unpack_sandbox(runtime_name, sif, checksum, sandbox, log)
+    return time.monotonic() - started
+
+
+def without_missing_home(command):
+    """The server command without its `--home SOURCE:DEST` when SOURCE is no folder (an image
+    without its user's home; the launch could not look before the sandbox was unpacked)."""
+    if "--home" in command:
+        at = command.index("--home")
+        if at + 1 < len(command) and not Path(command[at + 1].split(":", 1)[0]).is_dir():
+            return command[:at] + command[at + 2 :]
+    return command
+
+
+def unpacked_file(node_file):
+    """Where a job that unpacks the sandbox says it is done (and how long it took)."""
+    return Path(f"{node_file}.unpacked")
+
+
+def serve(node_file, command, unpack=None):
+    """Inside the Slurm job: unpack the sandbox when asked (runtime, sif, checksum, sandbox, log)
+    and say so, pick a free port on an address the login node reaches, become the server (exec,
+    so Slurm's signals reach it directly), and tell the waiting rule where once the server itself
+    listens there: the rule sends the token to that port, which another account on the node
+    could have bound in between (a watcher process says it, see `report_when_listening`)."""
+    if unpack:
+        seconds = unpack_here(*unpack)
+        command = without_missing_home(command)
+        write_json_atomic(unpacked_file(node_file), {"unpack_seconds": round(seconds, 1)}, mode=OWNER_ONLY)
     host = reachable_address()
     port = free_port(host)
     server = os.getpid()
@@ -151,11 +189,15 @@ class SlurmLauncher(Launcher):
         env_file = token_file(folder, token)
         node_file = folder / ".jupyter.node.json"
         node_file.unlink(missing_ok=True)
+        unpacked_file(node_file).unlink(missing_ok=True)
         server_log = Path(request.server_log).resolve()
         create_owner_only(server_log)
         command = request.server_command(env_file, None, runtime_args=["--nv"] if settings["gpus"] else [])
         script = folder / "jupyter.sbatch"
-        write_text_atomic(script, slurm.job_script(sys.executable, SERVE_SCRIPT, node_file, command), mode=0o700)
+        unpack = None
+        if request.sif:
+            unpack = [request.runtime, *(Path(p).resolve() for p in (request.sif, request.checksum, request.sandbox, request.unpack_log))]
+        write_text_atomic(script, slurm.job_script(sys.executable, SERVE_SCRIPT, node_file, command, unpack), mode=0o700)
         submit = slurm.sbatch_command(
             script,
             f"r2s-jupyter-{name}",
@@ -174,7 +216,7 @@ class SlurmLauncher(Launcher):
             job_id = slurm.submit(submit, env=self.child_environment())
             note(request.log, f"Slurm job {job_id} submitted")
             say(f"  launch_jupyter: submitted Slurm job {job_id}, waiting for its server")
-            node = self.wait_for_server(job_id, node_file, token, settings["queue_timeout"], request.timeout, server_log)
+            node = self.wait_for_server(job_id, node_file, token, settings["queue_timeout"], request.timeout, server_log, request.log, bool(unpack))
         except BaseException as error:
             note(request.log, f"failed: {error}")
             if job_id:
@@ -183,6 +225,7 @@ class SlurmLauncher(Launcher):
         finally:
             env_file.unlink(missing_ok=True)
             node_file.unlink(missing_ok=True)
+            unpacked_file(node_file).unlink(missing_ok=True)
         host, port = node["host"], node["port"]
         url = f"http://{host}:{port}/"
         tunnel = ssh_tunnel(host, port)
@@ -209,12 +252,20 @@ class SlurmLauncher(Launcher):
         }
 
     @staticmethod
-    def wait_for_server(job_id, node_file, token, queue_timeout, timeout, server_log):
+    def wait_for_server(job_id, node_file, token, queue_timeout, timeout, server_log, log=None, unpacking=False):
         """Follow the job until its server answers; returns what the job wrote about its node.
         PENDING is bounded by `queue_timeout`; once the job has left the queue, whatever state
-        it is in (CONFIGURING, RUNNING, SUSPENDED, REQUEUED, ...) `timeout` bounds the wait."""
+        it is in (CONFIGURING, RUNNING, SUSPENDED, REQUEUED, ...) `timeout` bounds the wait;
+        a job that unpacks the sandbox first gets `timeout` for that and again for its server
+        (from when it says where it listens). Each phase's end goes into `log` with its time."""
         submitted = time.monotonic()
         left_queue = None
+        node = None
+        unpacked = None
+
+        def phase(text):
+            note(log, f"Slurm job {job_id} {text} {time.monotonic() - submitted:.1f} s after submission")
+
         while True:
             state, detail = slurm.job_state(job_id)
             if not slurm.is_active(state):
@@ -229,12 +280,26 @@ class SlurmLauncher(Launcher):
                         "it was cancelled (slurm_queue_timeout)"
                     )
             else:
-                left_queue = left_queue or time.monotonic()
-                if state == "RUNNING" and Path(node_file).exists():
+                if left_queue is None:
+                    left_queue = time.monotonic()
+                    phase(f"left the queue ({state})")
+                if unpacking and not unpacked and unpacked_file(node_file).exists():
+                    unpacked = json.loads(unpacked_file(node_file).read_text())
+                    # the server's own wait starts now
+                    left_queue = time.monotonic()
+                    phase(f"sandbox ready (unpacked in {unpacked['unpack_seconds']} s)")
+                if state == "RUNNING" and node is None and Path(node_file).exists():
                     node = json.loads(Path(node_file).read_text())
-                    if status(f"http://{node['host']}:{node['port']}/", token) == 200:
-                        return node
+                    phase(f"server listening on {node['host']}:{node['port']}")
+                if state == "RUNNING" and node is not None and status(f"http://{node['host']}:{node['port']}/", token) == 200:
+                    phase("answered with the token")
+                    return node
                 if time.monotonic() - left_queue > timeout:
+                    if unpacking and not unpacked:
+                        raise StepError(
+                            f"the Slurm job {job_id} ({state}{f': {detail}' if detail else ''}) did not unpack the sandbox within "
+                            f"{timeout} s (launch_timeout; raise it for a large image); it was cancelled; see {server_log}"
+                        )
                     raise StepError(
                         f"the Jupyter server (Slurm job {job_id}, {state}{f': {detail}' if detail else ''}) did not answer "
                         f"within {timeout} s; it was cancelled; see {server_log}"
