@@ -10,18 +10,19 @@ stamp="$venv/.requirements.sha256"
 wanted=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 package="$(pwd)/workflow/scripts/repo2singularity/__init__.py"
 
-# Snakemake imports every executor plugin at start; setup/site/r2s_slurm_probe.py keeps the Slurm
-# plugin's question to the controller from costing 10 s where no controller answers
-install_probe() {
+# setup/site/r2s_slurm_plugin.py changes the pinned Slurm executor plugin as it is imported: its
+# question to the controller at every start (10 s where no controller answers), its status polls
+install_plugin_changes() {
     local site
     site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-    cp setup/site/r2s_slurm_probe.py "$site/r2s_slurm_probe.py.part" && mv "$site/r2s_slurm_probe.py.part" "$site/r2s_slurm_probe.py"
-    echo "import r2s_slurm_probe" > "$site/r2s_slurm_probe.pth"
+    rm -f "$site/r2s_slurm_probe.py" "$site/r2s_slurm_probe.pth"
+    cp setup/site/r2s_slurm_plugin.py "$site/r2s_slurm_plugin.py.part" && mv "$site/r2s_slurm_plugin.py.part" "$site/r2s_slurm_plugin.py"
+    echo "import r2s_slurm_plugin" > "$site/r2s_slurm_plugin.pth"
 }
 
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ] && [ -x "$venv/bin/snakemake" ] &&
     [ "$("$venv/bin/python" -c 'import repo2singularity; print(repo2singularity.__file__)' 2>/dev/null)" = "$package" ]; then
-    install_probe
+    install_plugin_changes
     echo "python environment: up to date ($venv)"
     exit 0
 fi
@@ -36,6 +37,6 @@ pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" --requirement requirements.txt
 # the lock already holds every dependency and the build backend (hatchling): resolve nothing more
 "${pip[@]}" --no-deps --no-build-isolation --editable .
-install_probe
+install_plugin_changes
 echo "$wanted" > "$stamp"
 echo "python environment: ready ($("$venv/bin/snakemake" --version | sed 's/^/snakemake /'), $("$venv/bin/repo2docker" --version | sed 's/^/repo2docker /'))"

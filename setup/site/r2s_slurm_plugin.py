@@ -1,5 +1,7 @@
-"""Bound the Slurm executor plugin's question to the controller (set-up installs this module
-into .venv with r2s_slurm_probe.pth, which imports it when Python starts).
+"""Two changes to the pinned Slurm executor plugin, made as it is imported (set-up installs this
+module into .venv with r2s_slurm_plugin.pth, which imports it when Python starts).
+
+1. Its question to the controller, bounded at start.
 
 snakemake-executor-plugin-slurm (2.8) runs `scontrol show config` for MinJobAge as soon as it is
 imported, only to word the help of --slurm-status-command, and Snakemake imports every installed
@@ -9,14 +11,22 @@ for 10 s: 10 s added to every local run there. The plugin asks again at every st
 Slurm run. Here the first question (the import's) waits at most PROBE_SECONDS; an answer is kept
 for the process (MinJobAge is a setting of the controller); a question that got no answer is
 asked again the plugin's own way, so a Slurm run still gets its answer.
+
+2. Its status polls, at the profile's pace. After every check that finds no job finished, the
+plugin waits 10 s longer before the next (up to 180 s; not configurable in 2.8.0): a sandbox job
+of 8 s was seen after 12 s, one of 13 s after 33 s. Here the wait never grows past
+`seconds-between-status-checks` (2 s in this project's profiles: an squeue every 2 s while jobs
+run; raise it in the profile for a busy cluster).
 """
 
 import importlib.abc
 import importlib.machinery
+import inspect
 import subprocess
 import sys
 
-MODULE = "snakemake_executor_plugin_slurm.job_status_query"
+PLUGIN = "snakemake_executor_plugin_slurm"
+MODULE = f"{PLUGIN}.job_status_query"
 PROBE_SECONDS = 0.5
 
 
@@ -47,12 +57,43 @@ def bounded(ask, probe=controller_answers):
     return get_min_job_age
 
 
+def steady_polling(check):
+    """check (the plugin's Executor.check_active_jobs, an async generator), leaving the wait
+    before the next check no longer than the run's seconds_between_status_checks."""
+
+    async def check_active_jobs(self, active_jobs):
+        async for job in check(self, active_jobs):
+            yield job
+        steady = self.workflow.remote_execution_settings.seconds_between_status_checks
+        if self.next_seconds_between_status_checks > steady:
+            self.next_seconds_between_status_checks = steady
+
+    check_active_jobs.__doc__ = check.__doc__
+    return check_active_jobs
+
+
+def patch_query(module):
+    ask = getattr(module, "get_min_job_age", None)
+    if callable(ask):
+        module.get_min_job_age = bounded(ask)
+
+
+def patch_plugin(module):
+    executor = getattr(module, "Executor", None)
+    if executor is not None and inspect.isasyncgenfunction(getattr(executor, "check_active_jobs", None)):
+        executor.check_active_jobs = steady_polling(executor.check_active_jobs)
+
+
+PATCHES = {MODULE: patch_query, PLUGIN: patch_plugin}
+
+
 class _Finder(importlib.abc.MetaPathFinder):
-    """Wraps get_min_job_age as the plugin's module is loaded, before the plugin's own modules
-    import it by name."""
+    """Changes the plugin's modules as they are loaded: get_min_job_age before the plugin's own
+    modules import it by name, the Executor before Snakemake uses it."""
 
     def find_spec(self, name, path, target=None):
-        if name != MODULE:
+        patch = PATCHES.get(name)
+        if patch is None:
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
@@ -61,9 +102,7 @@ class _Finder(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             load(module)
-            ask = getattr(module, "get_min_job_age", None)
-            if callable(ask):
-                module.get_min_job_age = bounded(ask)
+            patch(module)
 
         spec.loader.exec_module = exec_module
         return spec
