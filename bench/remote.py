@@ -81,7 +81,7 @@ def empty_docker_cache(tag):
 
 def chain(lab, repo, sha, mode, round_number, sif_conversion, against=None):
     """Seconds of a cold chain, and each step's seconds from the workflow's own benchmark files."""
-    workdir = lab["base"] / f"chain-{mode.split()[0]}-{round_number}"
+    workdir = lab["base"] / f"chain-{mode.replace(' (against)', '-against')}-{round_number}"
     workdir.mkdir()
     project = against if mode == "remote (against)" else PROJECT
     command = [BIN / "snakemake", "--snakefile", project / "Snakefile", "--directory", workdir, "--cores", "2", "build",
