@@ -113,8 +113,11 @@ class Chains:
 
 
 def as_login(lab, checkout, argv, **kwargs):
-    """A command of the login account in one of its checkouts (lab.as_login runs in lab.checkout)."""
-    return lab.login.run(argv, user=lab.login_account, env=lab.venv_env(), cwd=checkout, timeout=3600, **kwargs)
+    """A command of the login account in one of its checkouts (lab.as_login runs in lab.checkout).
+    The --against checkout shares the .venv, with the Slurm plugin as it is (as before
+    setup/site/r2s_slurm_plugin.py)."""
+    env = {"R2S_SLURM_PLUGIN_AS_IS": "1"} if checkout.name.endswith("-against") else {}
+    return lab.login.run(argv, user=lab.login_account, env=lab.venv_env(env), cwd=checkout, timeout=3600, **kwargs)
 
 
 def against_checkout(lab, source):

@@ -3,6 +3,7 @@ no controller answers, and asked the plugin's own way otherwise; its status poll
 profile's pace."""
 
 import asyncio
+import os
 import subprocess
 import sys
 import textwrap
@@ -124,3 +125,10 @@ def test_the_wait_between_status_checks_stays_at_the_profiles_pace():
 async def _empty():
     return
     yield
+
+
+def test_the_plugin_stays_as_it_is_when_asked():
+    script = "import snakemake_executor_plugin_slurm as p; print(p.get_min_job_age.__module__, p.Executor.check_active_jobs.__qualname__)"
+    env = {**os.environ, "R2S_SLURM_PLUGIN_AS_IS": "1"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.split() == ["snakemake_executor_plugin_slurm.job_status_query", "Executor.check_active_jobs"], out.stdout + out.stderr
