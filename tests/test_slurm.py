@@ -74,6 +74,16 @@ def test_job_script_that_unpacks_first_passes_the_sif_and_sandbox_as_words(tmp_p
     assert words[4:10] == ["--unpack", *unpack] and words[10] == "--" and words[11:] == ["apptainer", "run", "/r s/sandbox"]
 
 
+def test_a_job_that_unpacks_keeps_the_images_home_only_when_the_sandbox_has_it(tmp_path):
+    sandbox = tmp_path / "sandbox"
+    image = {"working_folder": "/home/jovyan", "home": "/home/jovyan"}
+    command = jupyter.server_command("apptainer", sandbox, image, tmp_path / "env", ["jupyter", "notebook"], None, unpacked=False)
+    assert command[command.index("--home") + 1] == f"{sandbox}/home/jovyan:/home/jovyan"
+    assert "--home" not in slurm_launcher.without_missing_home(command)
+    (sandbox / "home" / "jovyan").mkdir(parents=True)
+    assert slurm_launcher.without_missing_home(command) == command
+
+
 def test_a_sandbox_newer_than_its_sif_is_kept_an_older_one_unpacked_again(tmp_path):
     sif, sandbox = tmp_path / "x.sif", tmp_path / "sandbox"
     sif.write_text("sif")

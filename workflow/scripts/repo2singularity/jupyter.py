@@ -40,6 +40,7 @@ def server_command(
     runtime_args=(),
     jupyter_args=(),
     binds=(),
+    unpacked=True,
 ):
     """`run` keeps the image's entrypoint, so repo2docker's start script runs first; --pwd
     makes the repository the working folder; the token travels in an owner-only env file,
@@ -53,7 +54,8 @@ def server_command(
     takes them; in a writable sandbox a destination must already exist in the image.
 
     port None leaves out address and port: a Slurm job adds them on its node. Either way the
-    server takes that port or ends (port_retries 0)."""
+    server takes that port or ends (port_retries 0). unpacked False: the sandbox is not there
+    yet (a Slurm job unpacks it first, then drops a --home it lacks)."""
     sandbox = Path(sandbox).resolve()
     command = [runtime, "run", *runtime_args, "--cleanenv", "--env-file", str(env_file), "--pwd", image["working_folder"]]
     for bind in binds:
@@ -61,7 +63,7 @@ def server_command(
     image_home = image.get("home", "")
     if writable:
         command.append("--writable")
-        if image_home.startswith("/") and (sandbox / image_home.lstrip("/")).is_dir():
+        if image_home.startswith("/") and (not unpacked or (sandbox / image_home.lstrip("/")).is_dir()):
             command += ["--home", f"{sandbox}{image_home}:{image_home}"]
     command.append(str(sandbox))
     command += [*jupyter_command, *jupyter_args]

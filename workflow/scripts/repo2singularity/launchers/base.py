@@ -32,7 +32,7 @@ class LaunchRequest:
     checksum: str | None = None
     unpack_log: str | None = None
 
-    def server_command(self, env_file, port, runtime_args=()):
+    def server_command(self, env_file, port, runtime_args=(), unpacked=True):
         """The runtime's command for this server, with the idle shutdown asked for; `port` None
         leaves address and port to the node (a Slurm job); `runtime_args` come first."""
         return server_command(
@@ -46,6 +46,7 @@ class LaunchRequest:
             runtime_args=[*runtime_args, *self.runtime_args],
             jupyter_args=culling_arguments(self.jupyter_command, self.idle_timeout),
             binds=self.binds,
+            unpacked=unpacked,
         )
 
 

@@ -192,7 +192,7 @@ class SlurmLauncher(Launcher):
         unpacked_file(node_file).unlink(missing_ok=True)
         server_log = Path(request.server_log).resolve()
         create_owner_only(server_log)
-        command = request.server_command(env_file, None, runtime_args=["--nv"] if settings["gpus"] else [])
+        command = request.server_command(env_file, None, runtime_args=["--nv"] if settings["gpus"] else [], unpacked=not request.sif)
         script = folder / "jupyter.sbatch"
         unpack = None
         if request.sif:
