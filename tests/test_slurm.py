@@ -106,14 +106,16 @@ def test_a_job_that_unpacks_gets_the_launch_timeout_for_that_and_says_so(monkeyp
     assert "Slurm job 7 left the queue (RUNNING)" in log.read_text()
 
 
-def test_the_server_gets_its_own_launch_timeout_from_when_the_job_says_where_it_listens(monkeypatch, tmp_path):
+def test_the_server_gets_its_own_launch_timeout_from_when_the_job_says_its_sandbox_is_ready(monkeypatch, tmp_path):
     node_file = tmp_path / "node.json"
     calls = {"n": 0}
 
     def job_state(job_id):
         calls["n"] += 1
         if calls["n"] == 15:  # after most of the first second, the unpack ends
-            node_file.write_text(json.dumps({"node": "node1", "host": "127.0.0.1", "port": 9, "unpack_seconds": 0.7}))
+            slurm_launcher.unpacked_file(node_file).write_text(json.dumps({"unpack_seconds": 0.7}))
+        if calls["n"] == 25:
+            node_file.write_text(json.dumps({"node": "node1", "host": "127.0.0.1", "port": 9}))
         return "RUNNING", "node1"
 
     monkeypatch.setattr(slurm, "job_state", job_state)
@@ -123,7 +125,7 @@ def test_the_server_gets_its_own_launch_timeout_from_when_the_job_says_where_it_
     node = slurm_launcher.SlurmLauncher.wait_for_server("7", node_file, "t", 600, 1, tmp_path / "log", log, True)
     assert node["node"] == "node1"
     text = log.read_text()
-    assert "sandbox ready (unpacked in 0.7 s), server starting on 127.0.0.1:9" in text and "answered with the token" in text
+    assert "sandbox ready (unpacked in 0.7 s)" in text and "server listening on 127.0.0.1:9" in text and "answered with the token" in text
 
 
 def test_culling_settings_follow_the_jupyter_application():
