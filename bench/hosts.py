@@ -116,7 +116,9 @@ def as_login(lab, checkout, argv, **kwargs):
     """A command of the login account in one of its checkouts (lab.as_login runs in lab.checkout).
     The --against checkout shares the .venv, with the Slurm plugin as it is (as before
     setup/site/r2s_slurm_plugin.py)."""
-    env = {"R2S_SLURM_PLUGIN_AS_IS": "1"} if checkout.name.endswith("-against") else {}
+    # the venv's repo2singularity is the lab checkout's (an editable install): the other
+    # checkout's own package goes first on the path
+    env = {"R2S_SLURM_PLUGIN_AS_IS": "1", "PYTHONPATH": str(checkout / "workflow" / "scripts")} if checkout.name.endswith("-against") else {}
     return lab.login.run(argv, user=lab.login_account, env=lab.venv_env(env), cwd=checkout, timeout=3600, **kwargs)
 
 
