@@ -16,8 +16,9 @@ rule build_image:
         get_step_log("build_image"),
     benchmark:
         get_step_benchmark("build_image")
+    group:
+        BUILDER.step_group
     localrule: BUILDER.step_group is None
-    group: BUILDER.step_group
     resources:
         # how many Docker builds run at once: set with --resources docker_builds=N (profiles)
         docker_builds=1,
@@ -43,8 +44,9 @@ rule save_image:
         get_step_log("save_image"),
     benchmark:
         get_step_benchmark("save_image")
+    group:
+        BUILDER.step_group
     localrule: BUILDER.step_group is None
-    group: BUILDER.step_group
     script:
         f"{SCRIPTS}/save_image.py"
 

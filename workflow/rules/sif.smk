@@ -8,8 +8,9 @@ rule build_sif:
         get_step_log("build_sif"),
     benchmark:
         get_step_benchmark("build_sif")
+    group:
+        BUILDER.step_group
     localrule: BUILDER.step_group is None
-    group: BUILDER.step_group
     params:
         # read by the builder from the configuration; here so that a change rebuilds the SIF
         runtime=settings.runtime,
