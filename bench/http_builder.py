@@ -28,20 +28,17 @@ import time
 from pathlib import Path
 
 import psutil
-import requests
 import yaml
 
 PROJECT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-sys.path.insert(0, str(PROJECT / "workflow" / "scripts"))
-sys.path.insert(0, str(PROJECT / "tests"))
-sys.path.insert(0, str(PROJECT / "bench"))
+sys.path.insert(0, str(PROJECT))
 
-from conftest import GitRepo  # noqa: E402
-from remote import empty_docker_cache, quiet  # noqa: E402
+from bench.remote import empty_docker_cache, quiet  # noqa: E402
 from repo2singularity.builders.http import HTTPBuilderSettings, ServiceClient  # noqa: E402
-from service_server import Client, ProcessServer, add_user, write_settings  # noqa: E402
-from test_remote import Sshd, builder_config, keygen  # noqa: E402
+from tests.conftest import GitRepo  # noqa: E402
+from tests.service_server import Client, ProcessServer, add_user, write_settings  # noqa: E402
+from tests.test_remote import Sshd, builder_config, keygen  # noqa: E402
 
 TOKEN_ENV = "R2S_SERVICE_TOKEN"
 

@@ -428,9 +428,9 @@ def test_cookie_sign_in_and_what_works_without_it(start, repo_url):
 
 
 def test_the_web_page_shows_the_live_log_and_the_download_in_chromium(start, repo_url, tmp_path):
-    from chromium import Chromium
-
     from repo2singularity.service.web import launch_path
+
+    from .chromium import Chromium
 
     url, repo = repo_url
     runner = FakeRunner()

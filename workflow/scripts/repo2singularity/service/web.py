@@ -31,11 +31,11 @@ class WebHandler(BaseHandler):
 
     def sign_in_page(self, message="", status=200):
         self.set_status(status)
-        self.xsrf_token  # sets the XSRF cookie the form sends back
+        _ = self.xsrf_token  # sets the XSRF cookie the form sends back
         self.render("sign_in.html", message=message, next_url=self.request.uri)
 
     def page(self, repo="", ref="", autostart=False, message=""):
-        self.xsrf_token
+        _ = self.xsrf_token
         self.render(
             "page.html",
             user=self.current_user,
