@@ -78,7 +78,7 @@ def test_the_sif_matches_the_docker_builders_of_the_same_commit(lab, podman_jour
     """The Docker builder (this machine's engine, as the workflow's account in the docker group, on
     the login host) builds the same commit from the same URL: the same files, types, modes and links, owners
     aside; the same labels but for the build's time and tool."""
-    from test_archive_to_sif import Listing, compare, extract_file
+    from ..test_archive_to_sif import Listing, compare, extract_file
 
     account = os.environ.get("R2S_USER") or "r2s"
     workdir = Path(tempfile.mkdtemp(prefix="r2s-hosts-podman-docker-"))
