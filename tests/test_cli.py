@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -234,3 +235,10 @@ def test_run_launches_jupyter_on_the_example(tmp_path):
         stopped = run_cli("stop", "--name", "example", str(repo.path), cwd=work, timeout=300)
     assert stopped.returncode == 0, stopped.stderr
     assert not (work / "results" / "example" / repo.head() / "launch.json").exists()
+
+
+def test_the_package_installs_the_console_command(tmp_path):
+    command = Path(sys.executable).with_name("repo2singularity")
+    result = subprocess.run([str(command), "--dry-run", "servers"], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[1:5] == ["--snakefile", str(PROJECT / "Snakefile"), "servers", "--profile"]
