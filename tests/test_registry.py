@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from repo2singularity import registry
+from repo2singularity import image, registry, shared_sifs
+from repo2singularity.step import StepError
 
 from .registry_server import CertificateAuthority, RegistryServer, TokenService
 
@@ -620,3 +621,33 @@ def test_credentials_go_only_to_the_registrys_own_scheme_host_and_port():
     finally:
         fake.close()
     assert fake.received == [None]
+
+
+GOOD_RECEIPT = {"image_id": "sha256:" + "a" * 64, "tag": "r2s-x:" + SHA, "working_folder": "/home/jovyan", "home": "/home/jovyan", "labels": {}}
+
+
+@pytest.mark.parametrize(
+    "receipt",
+    ["[1, 2]", json.dumps({**GOOD_RECEIPT, "home": "/../../home/u"}), json.dumps({**GOOD_RECEIPT, "working_folder": "relative"}), "{"],
+    ids=["not an object", "home outside the sandbox", "relative working folder", "not JSON"],
+)
+def test_a_pulled_image_receipt_that_is_not_valid_is_one_line_and_nothing_is_pulled(tmp_path, sifs, receipt):
+    """Issue 19 item 7: the receipt in the manifest becomes image.json, whose folders the
+    server is started in; it is checked against the receipt's schema before anything is pulled."""
+    with RegistryServer(tmp_path / "registry") as server:
+        setup = Setup("plain-http", server, None, {})
+        setup.client(settings={"plain_http": True}).push(sifs["small"], "bad", SHA, {shared_sifs.RECEIPT_ANNOTATION: receipt})
+        settings = setup.settings(plain_http=True, mode="pull")
+        usable, notes = shared_sifs.look_up(settings, [("bad", SHA)])
+        assert usable == {} and len(notes) == 1 and "image receipt is not valid" in notes[0], notes
+        out = tmp_path / "out"
+        out.mkdir()
+        with pytest.raises(StepError, match="image receipt is not valid") as failed:
+            shared_sifs.pull(settings, "bad", SHA, out / "bad.sif", out / "bad.sif.sha256", out / "image.json", out / "pulled.json", out / "log")
+    assert "\n" not in str(failed.value)
+    assert sorted(path.name for path in out.iterdir()) == ["log"] or list(out.iterdir()) == []
+
+
+def test_the_receipt_schema_takes_what_a_build_writes():
+    image.check_receipt(GOOD_RECEIPT)
+    image.check_receipt({**GOOD_RECEIPT, "working_folder": "/", "created": None, "size_bytes": 10, "engine": "docker"})

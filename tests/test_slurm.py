@@ -147,6 +147,16 @@ def test_server_command_binds_each_folder_as_one_argument(tmp_path):
     assert command.index("/p:/srv:ro") < command.index(str(tmp_path.resolve()))
 
 
+def test_a_home_outside_the_sandbox_is_never_bound(tmp_path):
+    # issue 19 item 7: a receipt's home with ".." parts named a folder beside the sandbox
+    (tmp_path / "sandbox" / "home" / "jovyan").mkdir(parents=True)
+    (tmp_path / "home" / "u").mkdir(parents=True)
+    for home, bound in (("/../home/u", False), ("/home/jovyan", True)):
+        image = {"working_folder": "/home/jovyan", "home": home}
+        command = jupyter.server_command("apptainer", tmp_path / "sandbox", image, tmp_path / "env", ["jupyter", "notebook"], 1)
+        assert ("--home" in command) == bound, command
+
+
 def test_server_command_for_a_slurm_job_leaves_address_and_port_to_the_node(tmp_path):
     sandbox = tmp_path / "sandbox"
     (sandbox / "home" / "jovyan").mkdir(parents=True)

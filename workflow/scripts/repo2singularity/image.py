@@ -2,6 +2,7 @@
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 LABEL_PREFIX = "repo2singularity"
 
@@ -60,6 +61,22 @@ def repo2docker_command(repo2docker, source, spec):
     command += list(spec.repo2docker_args)
     # "--" keeps a source path from ever being read as an option
     return command + ["--", str(source)]
+
+
+RECEIPT_SCHEMA = Path(__file__).resolve().parents[2] / "schemas" / "image.schema.yaml"
+
+
+def check_receipt(receipt):
+    """ValueError in one line unless `receipt` is an image.json as the schema describes it."""
+    import jsonschema
+    import yaml
+
+    schema = yaml.safe_load(RECEIPT_SCHEMA.read_text())
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(receipt))
+    if error is not None:
+        where = "/".join(str(part) for part in error.absolute_path) or "the receipt"
+        raise ValueError(f"{where}: {error.message[:200]}")
+    return receipt
 
 
 def image_environment(image_config):

@@ -63,7 +63,9 @@ def server_command(
     image_home = image.get("home", "")
     if writable:
         command.append("--writable")
-        if image_home.startswith("/") and (not unpacked or (sandbox / image_home.lstrip("/")).is_dir()):
+        # a home with ".." parts would bind a folder outside the sandbox
+        inside = (sandbox / image_home.lstrip("/")).resolve()
+        if image_home.startswith("/") and inside.is_relative_to(sandbox) and (not unpacked or inside.is_dir()):
             command += ["--home", f"{sandbox}{image_home}:{image_home}"]
     command.append(str(sandbox))
     command += [*jupyter_command, *jupyter_args]

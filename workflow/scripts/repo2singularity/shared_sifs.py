@@ -8,6 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .files import write_json_atomic
+from .image import check_receipt
 from .registry import RegistryClient, RegistryError, push_annotations
 from .step import StepError
 from .tools import say
@@ -29,9 +30,21 @@ def look_up(settings, images):
                 notes.append(f"{found}: it is built instead")
             elif found is not None and RECEIPT_ANNOTATION not in found.annotations:
                 notes.append(f"oras://{found.reference} was not pushed by repo2singularity (no image receipt): it is built instead")
+            elif found is not None and (problem := receipt_problem(found)):
+                notes.append(f"oras://{found.reference}: {problem}: it is built instead")
             elif found is not None:
                 usable[(name, sha)] = asdict(found)
     return usable, notes
+
+
+def receipt_problem(found):
+    """Why the image receipt in a manifest's annotation cannot be used, else None: it becomes
+    image.json, whose folders the server is started in (checked before anything is pulled)."""
+    try:
+        check_receipt(json.loads(found.annotations[RECEIPT_ANNOTATION]))
+    except ValueError as error:
+        return f"its image receipt is not valid ({error})"
+    return None
 
 
 def pull(settings, name, sha, sif, checksum, image_receipt, pulled_receipt, log):
@@ -44,6 +57,9 @@ def pull(settings, name, sha, sif, checksum, image_receipt, pulled_receipt, log)
             found = client.lookup_one(name, sha)
             if found is None or RECEIPT_ANNOTATION not in found.annotations:
                 raise StepError(f"oras://{reference} is no longer in the registry (or has no image receipt); run again to build it")
+            problem = receipt_problem(found)
+            if problem:
+                raise StepError(f"oras://{reference}: {problem}; nothing pulled")
             with open(log, "a") as handle:
                 handle.write(f"pulling oras://{found.reference} ({found.size} bytes, {found.sif_digest})\n")
             client.pull(found, sif, checksum)
