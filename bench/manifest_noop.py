@@ -142,7 +142,7 @@ def main():
     print(f"{args.images} images, all up to date; median of {args.rounds} rounds, measures taken alternately")
     print(f"{'':38} {'local paths':>12} {'git daemon':>12}")
     labels = ("git ls-remote, one after another", "resolution step alone (parallel)", "workflow no-op run, whole")
-    for label, local_value, served_value in zip(labels, local, served):
+    for label, local_value, served_value in zip(labels, local, served, strict=True):
         print(f"  {label:36} {local_value:11.2f}s {served_value:11.2f}s")
     for title, (sequential, resolution, whole) in (("local paths", local), ("git daemon", served)):
         print(f"  {title}: whole no-op / sequential = {whole / sequential:.2f}x (goal <= 1.00x); "

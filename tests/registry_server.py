@@ -38,7 +38,7 @@ def new_key():
 
 
 def certificate(subject_name, public_key, issuer_name, signing_key, is_ca, alt_names=()):
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_name)]))

@@ -158,7 +158,7 @@ def test_a_bare_repository_is_built_from_like_a_work_tree(tmp_path, repo):
     repo.git("clone", "--quiet", "--bare", str(repo.path), str(bare))
     sha = repo.head()
     name = default_name(str(bare.resolve()))
-    result = snakemake(tmp_path, f"results/{name}/{sha}/source", config={"repo": bare, "ref": "main"})
+    snakemake(tmp_path, f"results/{name}/{sha}/source", config={"repo": bare, "ref": "main"})
     assert (tmp_path / "results" / name / sha / "source" / "Dockerfile").read_text().startswith("FROM debian:bookworm")
 
 

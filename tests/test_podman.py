@@ -210,7 +210,7 @@ def test_two_builds_of_one_commit_at_once_share_one_image(example):
         workdir.mkdir()
         runs.append((workdir, *started(workdir, repo, "twice")))
     try:
-        for workdir, process, output in runs:
+        for _workdir, process, output in runs:
             assert process.wait(timeout=900) == 0, output_of(output)
         said = [output_of(output) for _, _, output in runs]
         assert sum("another build of r2s-twice:" in text for text in said) == 1, said

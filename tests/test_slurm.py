@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psutil
@@ -186,7 +186,7 @@ def test_the_server_listens_where_the_login_node_reaches_the_node_never_on_its_n
 
 
 def test_age_listing_and_tunnel():
-    started = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    started = datetime(2026, 1, 1, tzinfo=UTC)
     assert servers.age(started.isoformat(), started + timedelta(seconds=42)) == "42s"
     assert servers.age(started.isoformat(), started + timedelta(minutes=3, seconds=5)) == "3m05s"
     assert servers.age(started.isoformat(), started + timedelta(hours=2, minutes=7)) == "2h07m"

@@ -1,4 +1,5 @@
-"""The workflow stays formatted (snakefmt) and lint-clean but for the conda/container lint."""
+"""The workflow stays formatted (snakefmt) and lint-clean but for the conda/container lint; the
+Python is ruff-clean (pyproject.toml's configuration)."""
 
 import subprocess
 import sys
@@ -18,4 +19,9 @@ def test_snakefmt_check():
 
 def test_snakemake_lint_has_only_the_host_tool_lint():
     result = subprocess.run([sys.executable, PROJECT / ".ci" / "lint.py"], capture_output=True, text=True, cwd=PROJECT)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ruff_check():
+    result = subprocess.run([BIN / "ruff", "check", "--no-cache", "."], capture_output=True, text=True, cwd=PROJECT)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -60,7 +60,7 @@ class Watcher:
     def watch(self):
         uid = self.lab.login_account.uid
         while not self.stopped.wait(self.interval):
-            for pid, cmdline in processes_of(uid):
+            for _pid, cmdline in processes_of(uid):
                 words = cmdline.split("\0")
                 if any(Path(word).name in self.DOCKER_WORDS for word in words[:3]) or "docker.sock" in cmdline:
                     self.docker_processes.add(cmdline.replace("\0", " ").strip())

@@ -91,8 +91,7 @@ class Account:
 
     def exists(self):
         try:
-            self.entry
-            return True
+            return self.entry is not None
         except KeyError:
             return False
 

@@ -4,6 +4,8 @@ from repo2singularity import builders
 from repo2singularity.image import ImageSpec
 from repo2singularity.step import run_step
 
+snakemake = globals()["snakemake"]  # put there by the rule's script: directive before this runs
+
 spec = ImageSpec(
     name=snakemake.wildcards.name,
     sha=snakemake.wildcards.sha,

@@ -5,6 +5,8 @@ from repo2singularity import builders
 from repo2singularity.results import mark_latest
 from repo2singularity.step import run_step
 
+snakemake = globals()["snakemake"]  # put there by the rule's script: directive before this runs
+
 
 def build_sif():
     builder = builders.from_config(snakemake.config, snakemake.log[0])

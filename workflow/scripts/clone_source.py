@@ -5,6 +5,8 @@ from pathlib import Path
 from repo2singularity.repository import RepositoryError, clone_logged
 from repo2singularity.step import StepError, run_step
 
+snakemake = globals()["snakemake"]  # put there by the rule's script: directive before this runs
+
 
 def clone():
     if snakemake.params.fetched_by:

@@ -6,6 +6,8 @@ from pathlib import Path
 from repo2singularity import launchers, servers
 from repo2singularity.step import run_step
 
+snakemake = globals()["snakemake"]  # put there by the rule's script: directive before this runs
+
 request = launchers.LaunchRequest(
     runtime=snakemake.params.runtime,
     sandbox=snakemake.params.sandbox,

@@ -5,6 +5,8 @@ from repo2singularity.results import mark_latest
 from repo2singularity.shared_sifs import pull
 from repo2singularity.step import run_step
 
+snakemake = globals()["snakemake"]  # put there by the rule's script: directive before this runs
+
 
 def pull_sif():
     settings = RegistrySettings.from_config(snakemake.config)

@@ -4,6 +4,8 @@ from repo2singularity.registry import RegistrySettings
 from repo2singularity.shared_sifs import push
 from repo2singularity.step import run_step
 
+snakemake = globals()["snakemake"]  # put there by the rule's script: directive before this runs
+
 run_step(
     "push_sif",
     lambda: push(

@@ -3,6 +3,8 @@
 from repo2singularity import builders
 from repo2singularity.step import run_step
 
+snakemake = globals()["snakemake"]  # put there by the rule's script: directive before this runs
+
 run_step(
     "save_image",
     lambda: builders.from_config(snakemake.config, snakemake.log[0]).save_image(

@@ -500,7 +500,7 @@ class SavedImage:
         diff_ids = (self.config.get("rootfs") or {}).get("diff_ids") or []
         if len(diff_ids) != len(layers):
             raise ConversionError(f"{path}: manifest.json lists {len(layers)} layers but the image config has {len(diff_ids)} diff_ids")
-        self.layers = [self.layer(number, name, digest) for number, (name, digest) in enumerate(zip(layers, diff_ids), 1)]
+        self.layers = [self.layer(number, name, digest) for number, (name, digest) in enumerate(zip(layers, diff_ids, strict=True), 1)]
 
     def close(self):
         os.close(self.fd)
@@ -682,7 +682,7 @@ class RootFileSystem:
         nodes = [None] * len(entries)
         self.members[number] = nodes
         # whiteouts first: they hide lower layers only, never entries of their own layer
-        for position, parts, type_, linkname in entries:
+        for _position, parts, _type, _linkname in entries:
             if not parts or not parts[-1].startswith(b".wh."):
                 continue
             if parts[-1] == b".wh..wh..opq":

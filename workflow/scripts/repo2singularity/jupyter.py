@@ -2,7 +2,7 @@
 line, its idle shutdown, and the status check that tells it answers."""
 
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import requests
@@ -100,7 +100,7 @@ def status(url, token, timeout=2.0):
 
 
 def now():
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def note(log, text):

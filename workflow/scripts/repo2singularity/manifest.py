@@ -62,7 +62,7 @@ def tsv_rows(path, text):
         if len(cells) > len(columns):
             problems.append(f"{path}:{number}: {len(cells)} fields, but the header (line {header_line}) names {len(columns)}")
             continue
-        values = {column: cell.strip() for column, cell in zip(columns, cells) if cell.strip() != ""}
+        values = {column: cell.strip() for column, cell in zip(columns, cells, strict=False) if cell.strip() != ""}
         for column in LIST_COLUMNS:
             if column in values:
                 try:

@@ -3,7 +3,7 @@ instead of orphaning it, list them, and stop them, whichever launcher started th
 
 import json
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from . import launchers
@@ -82,7 +82,7 @@ def stop_all(results, names=None):
 
 def age(started, at=None):
     """'2h05m', '3m12s' or '40s' since an ISO timestamp."""
-    at = at or datetime.now(timezone.utc)
+    at = at or datetime.now(UTC)
     seconds = max(0, int((at - datetime.fromisoformat(started)).total_seconds()))
     hours, rest = divmod(seconds, 3600)
     minutes, seconds = divmod(rest, 60)

@@ -9,6 +9,7 @@ from .files import write_json_atomic, write_text_atomic
 from .shared_sifs import PULLED, PUSHED
 from .tools import tail
 
+
 def step_outputs(saved_image):
     """Each step's output, in chain order: the first one missing names the step that failed.
     `saved_image`: the file that stands for the saved image (the builder's saved_image_file)."""

@@ -16,7 +16,15 @@ import requests
 from ..files import HashingWriter, checksum_line, sha256_file, temporary_sibling, write_text_atomic
 from ..repository import redact_url
 from .errors import DigestMismatchError, RegistryError, UnreachableError
-from .session import CHUNK, CONNECT_TIMEOUT_SECONDS, LOOKUP_WORKERS, READ_TIMEOUT_SECONDS, RegistrySession, describe_connection_error, error_reason
+from .session import (
+    CHUNK,
+    CONNECT_TIMEOUT_SECONDS,
+    LOOKUP_WORKERS,
+    READ_TIMEOUT_SECONDS,
+    RegistrySession,
+    describe_connection_error,
+    error_reason,
+)
 from .settings import DIGEST_PATTERN, TAG_PATTERN
 
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
