@@ -187,7 +187,7 @@ def cached(args):
                     print(f"      launch_jupyter: {what}", flush=True)
                 as_login(lab, checkout, ["snakemake", "--profile", "remote", "stop", "--config", *config])
     print(f"\ncached commit -> URL answering with the token (launch_on=slurm), repo {args.repo}, median of {args.rounds}:")
-    for name, checkout in checkouts.items():
+    for name in checkouts:
         medians = {step: statistics.median(s.get(step, 0) for s in steps[name]) for step in CACHED_STEPS}
         total = statistics.median(times[name])
         print(f"   {name} ({args.against if name == 'against' else PROJECT}): {total:.1f} s (goal <= 15)  ({', '.join(f'{t:.1f}' for t in times[name])})")

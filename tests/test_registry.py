@@ -239,9 +239,9 @@ def test_parallel_lookup_of_20_images_finds_exactly_the_pushed_half(setup, sifs)
     assert sorted(found) == sorted(images)
     present = {image for image, result in found.items() if result is not None}
     assert present == set(images[::2])
-    for image in images[::2]:
-        assert found[image].sif_sha256 == sha256(sifs["small"]) and found[image].size == sifs["small"].stat().st_size
-        assert found[image].reference == f"{setup.server.host}/lab/binder/{image[0]}:{image[1]}"
+    for name, tag in images[::2]:
+        assert found[name, tag].sif_sha256 == sha256(sifs["small"]) and found[name, tag].size == sifs["small"].stat().st_size
+        assert found[name, tag].reference == f"{setup.server.host}/lab/binder/{name}:{tag}"
 
 
 def test_pushing_the_same_sif_again_uploads_no_blob(setup, sifs):
