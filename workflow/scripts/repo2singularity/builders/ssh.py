@@ -231,16 +231,15 @@ def preflight_problems(settings, workdir, checks, needs=TOOLS):
     problems = []
     where = f"builder {settings.target.display}"
     rc, text = checks.get("docker", (127, ""))
-    if "docker" not in needs:
-        pass
-    elif rc == 127 or "not found" in text and "docker" in text.split(":")[0]:
-        problems.append(f"{where}: docker is not installed (or not on the PATH of {settings.target.login}'s SSH sessions)")
-    elif rc != 0:
-        problems.append(f"{where}: the Docker engine does not answer `docker version`: {last_line(text)}")
-    elif "buildx" in needs:
-        rc, text = checks.get("buildx", (1, ""))
-        if rc != 0:
-            problems.append(f"{where}: docker buildx is missing (repo2docker needs it): {last_line(text)}")
+    if "docker" in needs:
+        if rc == 127 or "not found" in text and "docker" in text.split(":")[0]:
+            problems.append(f"{where}: docker is not installed (or not on the PATH of {settings.target.login}'s SSH sessions)")
+        elif rc != 0:
+            problems.append(f"{where}: the Docker engine does not answer `docker version`: {last_line(text)}")
+        elif "buildx" in needs:
+            rc, text = checks.get("buildx", (1, ""))
+            if rc != 0:
+                problems.append(f"{where}: docker buildx is missing (repo2docker needs it): {last_line(text)}")
     rc, text = checks.get("repo2docker", (127, ""))
     if "repo2docker" in needs and rc != 0:
         problems.append(f"{where}: {settings.repo2docker} does not run: {last_line(text, 'not found')}")
