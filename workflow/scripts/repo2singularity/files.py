@@ -7,7 +7,14 @@ import queue
 import shutil
 import tempfile
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
+
+
+def now():
+    """This moment, for records (server connections, receipts): ISO 8601 in UTC, to the second."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
 
 # a download goes to disk in steps of this size while it arrives
 FLUSH_BYTES = 32 << 20

@@ -2,10 +2,11 @@
 line, its idle shutdown, and the status check that tells it answers."""
 
 import os
-from datetime import UTC, datetime
 from pathlib import Path
 
 import requests
+
+from .files import now
 
 OWNER_ONLY = 0o600
 POLL_SECONDS = 0.5
@@ -97,10 +98,6 @@ def status(url, token, timeout=2.0):
         return requests.get(f"{url}api/status", headers=headers, timeout=timeout).status_code
     except requests.RequestException:
         return None
-
-
-def now():
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def note(log, text):

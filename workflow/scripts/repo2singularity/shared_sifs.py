@@ -3,11 +3,10 @@ already has for their commit, one pulled into results/ (with the image.json a bu
 written), one pushed from there, each with a receipt of the registry's digests."""
 
 import json
-import time
 from dataclasses import asdict
 from pathlib import Path
 
-from .files import write_json_atomic
+from .files import now, write_json_atomic
 from .image import check_receipt
 from .registry import RegistryClient, RegistryError, push_annotations
 from .step import StepError
@@ -98,7 +97,3 @@ def push(settings, name, sha, sif, checksum, image_receipt, pushed_receipt, log)
     with open(log, "a") as handle:
         handle.write(f"pushed {sif} to oras://{reference} ({digest})\n")
     say(f"  push_sif: oras://{reference} ({digest[:19]}…)")
-
-
-def now():
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
