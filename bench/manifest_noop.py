@@ -70,7 +70,7 @@ def measure(workdir, manifest, urls, rounds):
     """Median seconds: sequential ls-remote, the resolution step alone, the whole no-op run."""
     sequential, resolution, whole = [], [], []
     settings = builds.Settings(
-        runtime="apptainer", image_prefix="r2s-", user_name="jovyan", user_id=None, repo2docker_args=(),
+        runtime="apptainer", image_prefix="r2s-", user_name="jovyan", user_id=None,
         sif_compression="auto", jupyter_command=("jupyter",), launch_timeout=1, launch_writable=True,
         resolve_connections=8, keep_sifs=3, from_manifest=True,
         builds={f"i{index}": builds.BuildSpec(f"i{index}", Repository(url), "main") for index, url in enumerate(urls)},

@@ -115,7 +115,6 @@ class Settings:
     image_prefix: str
     user_name: str
     user_id: int | None
-    repo2docker_args: tuple
     sif_compression: str
     jupyter_command: tuple
     launch_timeout: int
@@ -148,7 +147,6 @@ class Settings:
             image_prefix=config["image_prefix"],
             user_name=config["user_name"],
             user_id=config.get("user_id"),
-            repo2docker_args=tuple(config["repo2docker_args"]),
             sif_compression=config["sif_compression"],
             jupyter_command=tuple(config["jupyter_command"]),
             launch_timeout=config["launch_timeout"],
