@@ -22,11 +22,11 @@ R2S_SLURM_PLUGIN_AS_IS=1 in the environment leaves the plugin as it is (to compa
 these changes out).
 """
 
-import importlib.abc
+# Only cheap modules at the top: the .pth imports this module in every Python of the venv (each
+# job's script included); subprocess and inspect wait until the plugin is loaded, and the finder
+# is a plain class because importlib.abc pulls in importlib.resources, tempfile and typing (24 ms).
 import importlib.machinery
-import inspect
 import os
-import subprocess
 import sys
 
 PLUGIN = "snakemake_executor_plugin_slurm"
@@ -36,6 +36,8 @@ PROBE_SECONDS = 0.5
 
 def controller_answers(timeout=PROBE_SECONDS):
     """True when `scontrol show config` succeeds within timeout seconds."""
+    import subprocess
+
     try:
         subprocess.run(["scontrol", "show", "config"], capture_output=True, timeout=timeout, check=True)
     except (OSError, subprocess.SubprocessError):
@@ -83,6 +85,8 @@ def patch_query(module):
 
 
 def patch_plugin(module):
+    import inspect
+
     executor = getattr(module, "Executor", None)
     if executor is not None and inspect.isasyncgenfunction(getattr(executor, "check_active_jobs", None)):
         executor.check_active_jobs = steady_polling(executor.check_active_jobs)
@@ -91,7 +95,7 @@ def patch_plugin(module):
 PATCHES = {MODULE: patch_query, PLUGIN: patch_plugin}
 
 
-class _Finder(importlib.abc.MetaPathFinder):
+class _Finder:
     """Changes the plugin's modules as they are loaded: get_min_job_age before the plugin's own
     modules import it by name, the Executor before Snakemake uses it."""
 
