@@ -133,13 +133,12 @@ def build_key(owner, access, sha):
 
 
 class BuildQueue:
-    def __init__(self, folder, runner, max_builds, max_builds_per_user, max_total_builds, cache=None):
+    def __init__(self, folder, runner, max_builds, max_builds_per_user, max_total_builds):
         self.folder = Path(folder)
         self.runner = runner
         self.max_builds = max_builds
         self.max_builds_per_user = max_builds_per_user
         self.max_total_builds = max_total_builds
-        self.cache = cache  # optional: answers a commit from a registry (shared_cache.py)
         self.builds = {}
         self.by_key = {}
         self.waiting = collections.deque()
@@ -252,11 +251,8 @@ class BuildQueue:
 
     async def run(self, build):
         try:
-            if self.cache is not None and await self.cache.fetch(build):
-                return
+            # with a registry, the runner's workflow pulls a commit it holds and pushes a new one
             await self.runner.run(build)
-            if self.cache is not None and not build.private:
-                await self.cache.store(build)
             self.finish(build)
         except BuildFailed as error:
             build.emit("failed", str(error))

@@ -23,6 +23,9 @@ PHASE_OF_RULE = {
     "pull_sif": "fetching",
     "push_sif": "pushing",
 }
+FAILED_RULE = re.compile(r"^Error in rule (\w+):")
+# the workflow's notes when the registry cannot be asked (common.smk): the run goes on, they are no reason
+REGISTRY_NOTES = ("what is missing is built, and its push tried after", ": it is built instead")
 LOG_POLL_SECONDS = 0.25
 MAX_LINE = 2000
 
@@ -45,20 +48,43 @@ class WorkflowRunner:
             "build",
         ]  # fmt: skip
 
+    def uses_registry(self, build):
+        """Public builds share the registry; a build from a URL with credentials never reaches it."""
+        return bool(self.registry.get("url")) and not build.private
+
     def config(self, build):
         config = {**self.workflow_config, "repo": build.url, "ref": build.sha, "name": build.image_name, "builder": "local"}
-        if self.registry and not build.private:
-            # push what is built (the service answers cached commits from the registry itself)
-            config.update({"registry": self.registry["url"], "registry_mode": "push", **self.registry.get("workflow", {})})
+        if self.uses_registry(build):
+            # push mode: the workflow pulls a commit the registry holds (pull_sif, no Docker
+            # build) and pushes one it had to build; credentials only by the variable's name
+            config.update(
+                {
+                    "registry": self.registry["url"],
+                    "registry_mode": "push",
+                    "registry_credentials_env": self.registry["credentials_env"],
+                    "registry_ca_file": self.registry["ca_file"],
+                    "registry_plain_http": self.registry["plain_http"],
+                }
+            )
         return config
+
+    def environment(self, build):
+        env = build.access.environment() if build.access is not None else os.environ.copy()
+        env["PYTHONUNBUFFERED"] = "1"
+        if self.uses_registry(build):
+            if self.registry["auth_file"]:
+                env["REGISTRY_AUTH_FILE"] = self.registry["auth_file"]
+        elif self.registry.get("credentials_env"):
+            # a private build has no use for the registry's secret: its workflow does not get it
+            env.pop(self.registry["credentials_env"], None)
+        return env
 
     async def run(self, build):
         work = build.folder / "work"
         work.mkdir(exist_ok=True)
         config_file = work / "service-build.json"
         config_file.write_text(json.dumps(self.config(build)))
-        env = build.access.environment() if build.access is not None else os.environ.copy()
-        env["PYTHONUNBUFFERED"] = "1"
+        env = self.environment(build)
         build.emit("fetching", f"fetching {build.url} at {build.sha}")
         process = await asyncio.create_subprocess_exec(
             *self.command(config_file),
@@ -96,8 +122,12 @@ class WorkflowRunner:
                     pass
             tail.cancel()
             await drain_logs(follower, build, tail)
-        if code != 0:
+        if code != 0 and not (self.uses_registry(build) and only_the_push_failed(output, results, build.image_name)):
             raise BuildFailed(failure_line(output, code))
+        if code != 0:
+            # the registry is a shared cache: the SIF is built and checked, so it is served
+            reason = step_line(output, "push_sif") or f"the push to {self.registry['url']} failed"
+            build.emit("pushing", f"not pushed, served by this service only: {reason}")
         self.collect(build, results)
 
     def collect(self, build, results):
@@ -118,12 +148,26 @@ class WorkflowRunner:
 def failure_line(output, code):
     """The workflow's own one-line reason (its `repo2singularity: ...` or a step's line)."""
     for line in reversed(output):
-        if line.startswith(f"{PROGRAM}:"):
+        if line.startswith(f"{PROGRAM}:") and not line.endswith(REGISTRY_NOTES):
             return line
     for line in reversed(output):
         if re.match(r"^\w+: ", line) and not line.startswith(("Shutting down", "Complete log", "Error in rule", "Exiting")):
             return line
     return f"the build's workflow failed (exit status {code})"
+
+
+def step_line(output, step):
+    """The step's own one-line reason for failing (`step: ...`), else None."""
+    for line in reversed(output):
+        if line.startswith(f"{step}: "):
+            return line
+    return None
+
+
+def only_the_push_failed(output, results, name):
+    """Whether the workflow failed in push_sif alone, its SIF and checksum finished."""
+    failed = {match.group(1) for line in output if (match := FAILED_RULE.match(line))}
+    return failed == {"push_sif"} and (results / f"{name}.sif").is_file() and (results / f"{name}.sif.sha256").is_file()
 
 
 class LogFollower:

@@ -8,6 +8,7 @@ import jsonschema
 import yaml
 
 from ..input_limits import capped, repeated_container, schema_message, shown
+from ..registry import RegistryError, RegistrySettings
 
 SCHEMA = Path(__file__).resolve().parents[2].parent / "schemas" / "service.schema.yaml"
 
@@ -59,7 +60,25 @@ def check(values):
     for key in ("repo", "ref", "name", "builder"):
         if key in values["workflow_config"]:
             raise SettingsError(f"settings: workflow_config may not set {key!r}: the service sets it per build")
+    for key in values["workflow_config"]:
+        if key.startswith("registry"):
+            # private builds must never reach the registry; `registry` decides which builds do
+            raise SettingsError(f"settings: workflow_config may not set {key!r}: use the service's `registry` setting")
+    check_registry(values["registry"])
     return values
+
+
+def check_registry(registry):
+    """The registry's settings make sense as the workflow's (one line otherwise). Its
+    credentials are only named here, never given: the workflow reads them itself."""
+    if not registry.get("url"):
+        if any(registry.values()):
+            raise SettingsError("settings: registry: url is missing (oras://host[:port]/namespace)")
+        return
+    try:
+        RegistrySettings.from_url(registry["url"], mode="push", credentials_variable=registry["credentials_env"])
+    except RegistryError as error:
+        raise SettingsError(f"settings: {error}") from None
 
 
 def is_loopback(address):
