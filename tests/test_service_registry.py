@@ -225,6 +225,23 @@ def test_a_registry_that_is_down_costs_the_push_not_the_build(repo, tmp_path):
         service.stop()
 
 
+def test_credentials_the_registry_refuses_cost_the_push_and_are_never_shown(repo, tls_registry, tmp_path):
+    """A wrong password in the named variable: as a registry that is down, in one line that
+    names the credentials and not the password; the build is served."""
+    wrong = "Not-the-Pa55word-of-the-service"
+    service = Service(tmp_path, tls_settings(tls_registry), env={VARIABLE: f"{USER}:{wrong}"})
+    try:
+        build, events = service.build(f"file://{repo.path}")
+        assert events[-1]["phase"] == "built", messages(events[-15:])
+        served = [event["message"] for event in events if event["message"].startswith("not pushed, served by this service only: ")]
+        assert len(served) == 1 and "credentials" in served[0], messages(events[-15:])
+        assert wrong not in messages(events) and wrong not in service.log()
+        assert files_holding(wrong, service.work) == ""
+        assert repo.head() not in tags(tls_registry, NAME)
+    finally:
+        service.stop()
+
+
 def test_the_settings_refuse_a_registry_they_cannot_use(tmp_path):
     """One line at start, and no secret echoed: a URL with credentials, no URL, or registry
     settings in workflow_config (private builds would reach the registry)."""
