@@ -86,9 +86,19 @@ step_tls() {
         install -m 0644 -o root -g root "$CERT" "$tls/service.crt"
         install -m 0640 -o root -g "$ACCOUNT" "$KEY" "$tls/service.key"
         say "TLS: the certificate given ($CERT)"
-    elif [ -s "$tls/service.crt" ] && [ -s "$tls/service.key" ]; then
+    elif [ -s "$tls/service.crt" ] && [ -s "$tls/service.key" ] && openssl x509 -noout -checkhost "$NAME" -in "$tls/service.crt" 2>/dev/null | grep -q ' does match '; then
         say "TLS: present ($tls/service.crt)"
+    elif [ -s "$tls/service.crt" ] && ! self_signed "$tls/service.crt"; then
+        # a site's certificate is never replaced; clients checking the name will refuse it
+        say "TLS: present ($tls/service.crt), but it does not name $NAME: clients will refuse it (give --cert and --key)"
     else
+        if [ -s "$tls/service.crt" ]; then
+            # a self-signed certificate made for another name (set-up run again with --name): a new
+            # one, the old pair kept beside it
+            mv -f "$tls/service.crt" "$tls/service.crt.replaced"
+            mv -f "$tls/service.key" "$tls/service.key.replaced" 2>/dev/null || true
+            say "TLS: $tls/service.crt did not name $NAME; kept as service.crt.replaced, users need the new one"
+        fi
         local names="DNS:$NAME,DNS:localhost,IP:127.0.0.1" address
         for address in $(hostname -I 2>/dev/null || true); do
             names="$names,IP:$address"
@@ -103,6 +113,10 @@ step_tls() {
         mv "$tls/service.crt.partial" "$tls/service.crt"
         say "TLS: made a self-signed certificate for $names"
     fi
+}
+
+self_signed() {
+    [ "$(openssl x509 -noout -subject -nameopt RFC2253 -in "$1" | cut -d= -f2-)" = "$(openssl x509 -noout -issuer -nameopt RFC2253 -in "$1" | cut -d= -f2-)" ]
 }
 
 step_settings() {

@@ -67,12 +67,14 @@ class GitBackendHandler(tornado.web.RequestHandler):
 
 
 class GitHttpServer:
-    """Serves the bare repositories under `root` at http://127.0.0.1:PORT/NAME.git, to `users`
-    ({name: password}) only; `seen` lists every request (method, path, user, had credentials)."""
+    """Serves the bare repositories under `root` at http://ADDRESS:PORT/NAME.git (loopback unless
+    `address` is given), to `users` ({name: password}) only; `seen` lists every request (method,
+    path, user, had credentials)."""
 
-    def __init__(self, root, users):
+    def __init__(self, root, users, address="127.0.0.1"):
         self.root = root
         self.users = users
+        self.address = address
         self.seen = []
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
@@ -84,7 +86,7 @@ class GitHttpServer:
         self.loop = tornado.ioloop.IOLoop.current()
         app = tornado.web.Application([(r"/(.*)", GitBackendHandler, {"root": self.root, "users": self.users, "seen": self.seen})])
         server = tornado.httpserver.HTTPServer(app)
-        sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
+        sockets = tornado.netutil.bind_sockets(0, self.address)
         server.add_sockets(sockets)
         self.port = sockets[0].getsockname()[1]
         self.ready.set()
@@ -92,7 +94,7 @@ class GitHttpServer:
 
     def url(self, name, user=None, password=None):
         credentials = f"{user}:{password}@" if user else ""
-        return f"http://{credentials}127.0.0.1:{self.port}/{name}"
+        return f"http://{credentials}{self.address}:{self.port}/{name}"
 
     def stop(self):
         self.loop.add_callback(self.loop.stop)

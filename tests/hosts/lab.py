@@ -15,6 +15,7 @@ from .topology import (
     APPTAINER_GROUP,
     BUILD_ACCOUNT,
     LOGIN_ACCOUNT,
+    OTHER_LOGIN_ACCOUNT,
     STATE,
     Account,
     GitServer,
@@ -45,6 +46,8 @@ class Lab:
     tunnel_sshd: TunnelSshd
     login_account: Account
     build_account: Account
+    # a second user of the login node (no checkout of its own)
+    other_account: Account
 
     @property
     def login(self):
@@ -130,13 +133,14 @@ def open_lab():
         try:
             network.up()
             login_account = Account(LOGIN_ACCOUNT).ensure(groups=[APPTAINER_GROUP], not_in=["docker"])
+            other_account = Account(OTHER_LOGIN_ACCOUNT).ensure(not_in=["docker"])
             cluster = SlurmCluster(network)
             cluster.start()
             git = GitServer(network)
             git.start()
             tunnel_sshd = TunnelSshd(network)
             tunnel_sshd.start()
-            lab = Lab(network, cluster, git, tunnel_sshd, login_account, Account(BUILD_ACCOUNT))
+            lab = Lab(network, cluster, git, tunnel_sshd, login_account, Account(BUILD_ACCOUNT), other_account)
             prepare_login_account(lab)
             yield lab
         finally:

@@ -1,7 +1,7 @@
 """Three hosts on one machine, made of network namespaces, for the tests and the benchmark of
 tests/hosts (run as root):
 
-- `login`   10.233.0.1: the account LOGIN_ACCOUNT (no Docker), the Slurm controller of a cluster of
+- `login`   10.233.0.1: the accounts LOGIN_ACCOUNT and OTHER_LOGIN_ACCOUNT (no Docker), the Slurm controller of a cluster of
             its own, a git daemon serving the test repositories, an sshd for the user's tunnel;
 - `builder` 10.233.0.2: made a builder for BUILD_ACCOUNT by the README's `setup.sh builder`
             (Docker through the machine's engine, its sshd on port 22);
@@ -39,6 +39,8 @@ ADDRESSES = {"login": "10.233.0.1", "builder": "10.233.0.2", "node1": "10.233.0.
 LAPTOP_LINK = {"login": "10.233.1.1", "laptop": "10.233.1.2"}
 NAMESPACES = (*ADDRESSES, "laptop", LAN)
 LOGIN_ACCOUNT = "r2s-login"
+# a second user of the login node, for what one user must not see of another's (the build service)
+OTHER_LOGIN_ACCOUNT = "r2s-login2"
 BUILD_ACCOUNT = "r2s-build"
 APPTAINER_GROUP = "r2s-apptainer"
 STATE = Path("/run/r2s-hosts")
