@@ -1,6 +1,7 @@
 """The build service (issue 17) on a real Tornado server on loopback: the protocol of
-/work/PROTOCOL.md with a fast fake runner for our own logic, and real builds of the example
-through the project's workflow."""
+docs/build-service.md ("The protocol") with a fast fake runner for our own logic, and real builds
+of the example through the project's workflow. The same service set up by `setup.sh
+build-service` on a host of its own, across hosts: tests/hosts/test_5_service.py."""
 
 import concurrent.futures
 import hashlib

@@ -152,7 +152,8 @@ def service(lab):
     SESSION_FILE_SYSTEM.mkdir(parents=True, exist_ok=True)
     make_service_environment()
     started = time.monotonic()
-    result = on_builder(lab, ["bash", "setup.sh", "build-service", "--name", SERVICE_NAME], cwd=PROJECT, timeout=1800)
+    # as docs/build-service.md says; the host's name (hostname -f) is builder.r2s.test
+    result = on_builder(lab, ["bash", "setup.sh", "build-service"], cwd=PROJECT, timeout=1800)
     assert result.returncode == 0, f"setup.sh build-service failed:\n{result.stdout}\n{result.stderr}"
     seconds = time.monotonic() - started
     url, certificate, fingerprint, add_user = parse_report(result.stdout)
@@ -355,13 +356,18 @@ def private_repo(lab):
 @pytest.fixture(scope="module")
 def private_build(lab, service, private_repo):
     """The login account builds the private repository through the workflow (`build`, with the
-    credentials in the URL); the other account then tries what it can."""
+    credentials in the URL, given in a manifest); the other account then tries what it
+    can."""
     builder_yaml = lab.checkout / "profiles" / "remote" / "builder.yaml"
     original = builder_yaml.read_text()
     builder_yaml.write_text(HTTP_BUILDER_YAML)
-    url = private_repo.url(lab.login_account.name)
+    # in a manifest of the account's, not on the command line, which Snakemake prints (docs/security.md)
+    manifest = lab.login_account.home / "private.tsv"
+    manifest.write_text(f"name\trepo\tref\nsecret\t{private_repo.url(lab.login_account.name)}\tmain\n")
+    shutil.chown(manifest, lab.login_account.name, lab.login_account.name)
+    manifest.chmod(0o600)
     try:
-        result = lab.as_login(["snakemake", "--profile", "remote", "build", "--config", f"repo={url}", "ref=main"],
+        result = lab.as_login(["snakemake", "--profile", "remote", "--config", f"manifest={manifest}"],
                               env={"R2S_SERVICE_TOKEN": service.tokens[lab.login_account.name]}, check=False, timeout=1200)
     finally:
         builder_yaml.write_text(original)
@@ -489,3 +495,27 @@ def test_chromium_on_the_laptop_watches_the_log_arrive_and_downloads_the_sif(lab
         assert fetched == f"200 {build['sif_sha256']}"
     finally:
         browser.close()
+
+
+def fingerprint_of(lab, path):
+    return on_builder(lab, ["openssl", "x509", "-noout", "-fingerprint", "-sha256", "-in", path], check=True).stdout.strip().split("=", 1)[1]
+
+
+def test_set_up_again_with_another_name_makes_a_certificate_for_that_name(lab, service):
+    """(Last: it restarts the service.) The self-signed certificate made for the first name would be
+    refused under the new one: a new one is made and printed, the old pair kept beside it; run
+    once more with the same name, the certificate stays."""
+    tls = Path("/etc/repo2singularity/tls")
+    result = on_builder(lab, ["bash", "setup.sh", "build-service", "--name", "builder"], cwd=PROJECT, timeout=600)
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    url, certificate, fingerprint, _ = parse_report(result.stdout)
+    assert (url, certificate) == ("https://builder:8443", tls / "service.crt")
+    assert "did not name builder" in result.stdout and fingerprint != service.fingerprint
+    assert fingerprint_of(lab, tls / "service.crt.replaced") == service.fingerprint
+    checked = on_builder(lab, ["openssl", "x509", "-noout", "-checkhost", "builder", "-in", certificate], check=True).stdout
+    assert "does match" in checked, checked
+    presented = lab.login.call(ssl.get_server_certificate, (ADDRESSES["builder"], SERVICE_PORT))
+    assert colon_hex(hashlib.sha256(ssl.PEM_cert_to_DER_cert(presented)).digest()) == fingerprint
+    again = on_builder(lab, ["bash", "setup.sh", "build-service", "--name", "builder"], cwd=PROJECT, timeout=600)
+    assert again.returncode == 0 and "TLS: present" in again.stdout, f"{again.stdout}\n{again.stderr}"
+    assert parse_report(again.stdout)[2] == fingerprint
