@@ -120,13 +120,15 @@ if [ "$(id -u)" -eq 0 ]; then
         # pytest.ini leaves out tests/hosts, which runs as root (it makes network namespaces and
         # acts as each host's accounts itself), beside the account's run: it mostly waits (on
         # Slurm, idle culling, keepalives), so the two together take little longer than one
+        # a full disk fails every later test at once: say how much there was, to tell it apart
+        echo "disk: $(df -h --output=avail /tmp | tail -1 | tr -d ' ') free in /tmp before the tests"
         hosts_log=$(mktemp /tmp/r2s-tests-hosts.XXXXXX)
         (cd "$workspace" && PYTHONDONTWRITEBYTECODE=1 exec .venv/bin/python -m pytest -p no:cacheprovider tests/hosts) >"$hosts_log" 2>&1 &
         hosts=$!
         started=$SECONDS
         status=0
         as_account .venv/bin/python -m pytest -p no:cacheprovider tests || status=$?
-        echo "tests/ (as $account) took $((SECONDS - started)) s"
+        echo "tests/ (as $account) took $((SECONDS - started)) s; $(df -h --output=avail /tmp | tail -1 | tr -d ' ') free in /tmp"
         # the Debian 12 sudo rule, checked as root with throw-away accounts (tests/root); a
         # native Apptainer (Debian 13, HPC) has no such rule to check
         if grep -qs 'Installed by repo2singularity' /usr/local/bin/apptainer; then

@@ -1,4 +1,5 @@
-"""Shared fixtures: real git repositories made in temporary folders."""
+"""Shared fixtures: real git repositories made in temporary folders; each module's folders
+removed when it ends."""
 
 import os
 import subprocess
@@ -6,6 +7,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+from repo2singularity.files import remove_tree
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -15,6 +18,20 @@ GIT_IDENTITY = {
     "GIT_COMMITTER_NAME": "Test",
     "GIT_COMMITTER_EMAIL": "test@example.invalid",
 }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def module_folders_removed(request, tmp_path_factory):
+    """What a module's tests made under pytest's base folder (images' tarballs, SIFs, sandboxes,
+    registries) goes when the module ends, unless one of its tests failed: the whole suite would
+    otherwise keep about 20 GB until it ends, more than some CI machines have free. This fixture
+    is set up before the module's own ones and so ends after them (their servers are stopped)."""
+    base = tmp_path_factory.getbasetemp()
+    made_before, failed_before = set(base.iterdir()), request.session.testsfailed
+    yield
+    if request.session.testsfailed == failed_before:
+        for path in set(base.iterdir()) - made_before:
+            remove_tree(path)
 
 
 def git(repo, *args):
