@@ -19,6 +19,7 @@ of its own (BuilderFileSystem): the set-up writes where it always does, and a se
 machine may run itself is left alone."""
 
 import base64
+import contextlib
 import hashlib
 import json
 import re
@@ -232,6 +233,41 @@ builder:
 """
 
 
+@contextlib.contextmanager
+def builder_yaml(lab, text=HTTP_BUILDER_YAML):
+    """profiles/remote/builder.yaml of the login account's checkout as docs/http-builder.md says
+    (the other journeys of tests/hosts find theirs again afterwards)."""
+    path = lab.checkout / "profiles" / "remote" / "builder.yaml"
+    original = path.read_text()
+    path.write_text(text)
+    try:
+        yield path
+    finally:
+        path.write_text(original)
+
+
+def test_check_builder_from_the_login_host(lab, service):
+    """`snakemake --profile remote check_builder` checks the URL, the certificate and the token,
+    each failure in one line."""
+    # a repository to name: the lab's checkout is a copy without .git, where the bundled example
+    # (the default repo) is not a git repository and every command without repo= stops on it
+    repo = f"repo=git://{ADDRESSES['login']}/none.git"
+
+    def check(token, text=HTTP_BUILDER_YAML):
+        with builder_yaml(lab, text):
+            result = lab.as_login(["snakemake", "--profile", "remote", "check_builder", "--config", repo], env={"R2S_SERVICE_TOKEN": token},
+                                  check=False, timeout=300)
+        return result.returncode, result.stdout + result.stderr
+
+    code, output = check(service.tokens[lab.login_account.name])
+    signed_in = re.compile(rf"build service {re.escape(SERVICE_URL)} answers; signed in as '?{lab.login_account.name}'?$", re.MULTILINE)
+    assert code == 0 and signed_in.search(output), output[-3000:]
+    code, output = check("0" * 64)
+    assert code != 0 and f"the build service {SERVICE_URL} refused the token in $R2S_SERVICE_TOKEN" in output, output[-3000:]
+    code, output = check(service.tokens[lab.login_account.name], HTTP_BUILDER_YAML.replace("  ca_file: ~/service.crt\n", ""))
+    assert code != 0 and f"the build service {SERVICE_URL}: TLS certificate not accepted: self-signed certificate" in output, output[-3000:]
+
+
 @dataclass
 class HttpJourney:
     url: str
@@ -261,12 +297,9 @@ def http_journey(lab, service):
     make_repo(work, {**files, "BUILT_BY": f"the build service, session {secrets.token_hex(4)}\n"})
     url = lab.git.publish("service-demo", work)
     sha = run(["git", "-C", work, "rev-parse", "HEAD"]).stdout.strip()
-    builder_yaml = lab.checkout / "profiles" / "remote" / "builder.yaml"
-    original = builder_yaml.read_text()
-    builder_yaml.write_text(HTTP_BUILDER_YAML)
     token = {"R2S_SERVICE_TOKEN": service.tokens[lab.login_account.name]}
     command = ["snakemake", "--profile", "remote", "--config", f"repo={url}", "ref=main", "launch_on=slurm"]
-    try:
+    with builder_yaml(lab):
         ready = lab.as_login(["bash", "setup.sh", "login", "remote"], env=token, check=False, timeout=900)
         assert ready.returncode == 0 and f"ok: build service {SERVICE_URL}" in ready.stdout, f"{ready.stdout}\n{ready.stderr}"
         started = time.monotonic()
@@ -277,8 +310,6 @@ def http_journey(lab, service):
         assert len(folders) == 1, f"no results/*/{sha} folder; the run said:\n{result.stdout}\n{result.stderr[-4000:]}"
         yield HttpJourney(url, sha, result, watcher, folders[0], seconds)
         lab.as_login(["snakemake", "--profile", "remote", "stop", "--config", f"repo={url}", "ref=main"], check=False)
-    finally:
-        builder_yaml.write_text(original)
 
 
 def test_the_journey_builds_on_the_service_and_ends_with_jupyter_on_node1(lab, service, http_journey):
@@ -358,19 +389,14 @@ def private_build(lab, service, private_repo):
     """The login account builds the private repository through the workflow (`build`, with the
     credentials in the URL, given in a manifest); the other account then tries what it
     can."""
-    builder_yaml = lab.checkout / "profiles" / "remote" / "builder.yaml"
-    original = builder_yaml.read_text()
-    builder_yaml.write_text(HTTP_BUILDER_YAML)
     # in a manifest of the account's, not on the command line, which Snakemake prints (docs/security.md)
     manifest = lab.login_account.home / "private.tsv"
     manifest.write_text(f"name\trepo\tref\nsecret\t{private_repo.url(lab.login_account.name)}\tmain\n")
     shutil.chown(manifest, lab.login_account.name, lab.login_account.name)
     manifest.chmod(0o600)
-    try:
+    with builder_yaml(lab):
         result = lab.as_login(["snakemake", "--profile", "remote", "--config", f"manifest={manifest}"],
                               env={"R2S_SERVICE_TOKEN": service.tokens[lab.login_account.name]}, check=False, timeout=1200)
-    finally:
-        builder_yaml.write_text(original)
     assert result.returncode == 0, f"the private build failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
     folders = list((lab.checkout / "results").glob(f"*/{private_repo.sha}"))
     assert len(folders) == 1, result.stderr[-3000:]
