@@ -112,6 +112,29 @@ def test_ask_script_answers_each_question_with_its_status_and_keeps_paths_text(t
     assert ssh_builder.answer(found, "size") == "8"
 
 
+def test_each_login_account_has_its_own_folder_and_image_names_on_the_builder():
+    alice, odd = (ssh_builder.login_scope(user) for user in ("alice", "Alice Smith"))
+    assert alice == "alice" and odd != alice and odd == odd.lower() and "/" not in odd and " " not in odd
+    assert ssh_builder.remote_paths("/w", alice, "x", "abc")["folder"] == "/w/alice/x/abc"
+    # what all accounts share: the build slots (the builder's capacity) and the checked tools
+    assert ssh_builder.remote_paths("/w", alice, "x", "abc")["build_slots"] == "/w/.build-slots"
+    assert ssh_builder.scoped_tag(alice, "r2s-x:abc") == "alice/r2s-x:abc"
+
+
+def test_the_conversion_script_runs_only_with_the_content_it_was_sent_with(tmp_path):
+    script = tmp_path / "archive to sif.py"
+    script.write_text("print('converted')\n")
+    digest = hashlib.sha256(script.read_bytes()).hexdigest()
+    command = ssh_builder.run_if_unchanged(str(script), digest, shlex.join([sys.executable, str(script)]))
+    ran = subprocess.run(["sh", "-c", command], capture_output=True, text=True)
+    assert (ran.returncode, ran.stdout) == (0, "converted\n")
+    # another account's file in its place (same name, other content) is not run
+    script.write_text("print('planted')\n")
+    refused = subprocess.run(["sh", "-c", command], capture_output=True, text=True)
+    assert refused.returncode != 0 and "planted" not in refused.stdout
+    assert refused.stdout.splitlines() == [f"{script} was changed on the builder since it was sent (sha256 {hashlib.sha256(script.read_bytes()).hexdigest()}); not run"]
+
+
 def test_preflight_expands_a_workdir_under_home_on_the_builder(tmp_path):
     line = ssh_builder.preflight_script(ssh_settings({"host": "h"}), "~/it's here", ())
     out = subprocess.run(["sh", "-c", line], capture_output=True, text=True, env={**os.environ, "HOME": str(tmp_path)}).stdout
@@ -408,7 +431,10 @@ def test_remote_chain_gives_the_same_labels_as_a_local_build(lab, remote_build):
     # nothing looks finished that is not, and the builder keeps nothing of the build
     assert not (folder / "image.tar.receipt.json").exists()
     assert not list(folder.glob(".*partial*"))
-    assert not (lab["base"] / "builder-work" / NAME / sha).exists()
+    # each login account has a folder and image names of its own on the builder
+    assert (lab["base"] / "builder-work" / getpass.getuser()).is_dir()
+    assert not (lab["base"] / "builder-work" / getpass.getuser() / NAME / sha).exists()
+    assert receipt["tag"] == f"{getpass.getuser()}/r2s-{NAME}:{sha}"
 
     # the other conversion here, with another compression: the same provenance either way
     local = lab["base"] / "local"
@@ -419,6 +445,25 @@ def test_remote_chain_gives_the_same_labels_as_a_local_build(lab, remote_build):
     assert sif_labels(sif) == local_labels
     assert (sif_compression(sif, RUNTIME), sif_compression(local_sif, RUNTIME)) == ("zstd", "gzip")
     assert "archive_to_sif." in (logs / "build_sif.log").read_text() and "docker-archive://" not in (logs / "build_sif.log").read_text()
+
+
+@pytest.mark.integration
+def test_a_conversion_script_planted_on_the_builder_is_replaced_not_run(lab, remote_build, tmp_path):
+    """Another user of the builder account writes its own file under the name of our script's
+    hash; a new run (the image is in Docker's cache there) sends ours again and runs ours."""
+    _, _, sha, *_ = remote_build
+    content, digest = ssh_builder.conversion_script()
+    tools = lab["base"] / "builder-work" / ".tools"
+    planted = tools / f"archive_to_sif.{digest[:16]}.py"
+    marker = tmp_path / "planted-ran"
+    assert planted.exists(), sorted(p.name for p in tools.iterdir())
+    planted.write_text(f"import pathlib, sys\npathlib.Path({str(marker)!r}).touch()\nsys.exit(0)\n")
+    workdir = tmp_path / "again"
+    snakemake(workdir, "build", "--configfile", builder_config(lab, workdir), config=run_config(lab))
+    assert not marker.exists(), "the planted script ran"
+    assert planted.read_bytes() == content
+    sif = folder_of(workdir, sha) / f"{NAME}.sif"
+    assert sif_labels(sif)["repo2singularity.sha"] == sha
 
 
 @pytest.mark.integration
@@ -672,7 +717,7 @@ def test_a_tool_on_the_builder_reports_where_it_is(lab, tmp_path):
     script = "echo '#5 [2/3] RUN make all'; sleep 2; echo '#6 [3/3] COPY . /srv'; sleep 2"
     log = str(tmp_path / "step.log")
     body = f"run_step('build_image', lambda: t.run_logged(ssh_transport.remote_command(['sh', '-c', {script!r}]), {log!r}, 'build_image'))"
-    step = step_on_builder(lab, tmp_path, body, "from repo2singularity import tools\ntools.PROGRESS_SECONDS = 0.2\n")
+    step = step_on_builder(lab, tmp_path, body, "from repo2singularity import tools\ntools.TOOL_PROGRESS_SECONDS = 0.2\n")
     _, stderr = step.communicate(timeout=60)
     assert step.returncode == 0, stderr
     lines = stderr.splitlines()
@@ -711,7 +756,7 @@ class HeldBuild(threading.Thread):
         command = ssh_transport.remote_command(
             ["touch", "--", self.holds_slot], ["sh", "-c", 'while [ ! -e "$1" ]; do sleep 0.1; done', "wait", self.release]
         )
-        slots = ssh_builder.remote_paths(self.settings.workdir, NAME, "slots")["build_slots"]
+        slots = ssh_builder.remote_paths(self.settings.workdir, self.settings.scope, NAME, "slots")["build_slots"]
         try:
             with ssh_transport.SSHTransport(self.settings.target, self.log) as connection:
                 connection.run_logged(ssh_builder.with_build_slot(command, slots, self.settings.max_builds), self.log, f"build {self.number}")
@@ -797,7 +842,7 @@ def test_old_images_go_but_not_one_another_run_still_makes_a_sif_of(lab, tmp_pat
     remote = builders.from_config(config, tmp_path / "log")
     try:
         with remote.session("save_image") as session:
-            under_way = ssh_builder.remote_paths(session.workdir, name, "aaa")["folder"]
+            under_way = session.paths(name, "aaa")["folder"]
             Path(under_way).mkdir(parents=True)
             assert session.transport.existing([under_way, under_way + "-not"]) == {under_way}
             remote.remove_old_images(session, name, tags[2])

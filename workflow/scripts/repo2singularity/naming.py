@@ -76,3 +76,12 @@ def check_name(name):
 def image_tag(prefix, name, sha):
     """The Docker image name and tag, e.g. r2s-owner-repo-1a2b3c:<sha>."""
     return f"{prefix}{name}:{sha}"
+
+
+def account_slug(user):
+    """A login account's name as one folder name and Docker repository component (a name that
+    is not one already gets BinderHub's slug, with a hash of the name)."""
+    user = str(user)
+    if DOCKER_COMPONENT_PATTERN.fullmatch(user) and len(user) <= NAME_LIMIT:
+        return user
+    return safe_slug([user], user)

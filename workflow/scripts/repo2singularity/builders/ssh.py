@@ -4,6 +4,8 @@ comes back. Artefacts that stay there are named in receipts here, and each step 
 input against its receipt first. The host needs a POSIX shell, coreutils, tar and flock; no
 Snakemake, no SFTP, no shared file system."""
 
+import dataclasses
+import getpass
 import hashlib
 import json
 import posixpath
@@ -12,7 +14,8 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import runtime
+from .. import naming, runtime
+from ..archive_to_sif import MKSQUASHFS_MINIMUM
 from ..config_values import truthy
 from ..files import checksum_line, write_json_atomic, write_text_atomic
 from ..image import image_receipt, repo2docker_command
@@ -28,7 +31,6 @@ STEP_TOOLS = {"build_image": TOOLS, "save_image": ("docker",), "build_sif": ("ru
 # only the fast conversion needs these on the builder
 FAST_CONVERSION_TOOLS = ("python", "mksquashfs")
 PYTHON_MINIMUM = (3, 11)
-MKSQUASHFS_MINIMUM = (4, 5)
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,8 @@ class SSHBuilderSettings:
     max_builds: int
     keep_images: int
     min_free_gb: float
+    # the login account this run is for: its own work folder and image names on the builder
+    scope: str = dataclasses.field(default_factory=lambda: login_scope(getpass.getuser()))
 
     @classmethod
     def from_config(cls, config):
@@ -82,8 +86,21 @@ class SSHBuilderSettings:
         )
 
 
-def remote_paths(workdir, name, sha):
-    folder = posixpath.join(workdir, name, sha)
+def login_scope(user):
+    """The login account's own part of the builder: a folder name and a Docker repository
+    component. Runs of different users sharing one builder account then never take, replace or
+    remove each other's folders and images by accident (on purpose they still can: one builder
+    account is one trust domain, docs/security.md)."""
+    return naming.account_slug(user)
+
+
+def scoped_tag(scope, tag):
+    """The image's name on the builder: under the login account's own repository namespace."""
+    return f"{scope}/{tag}"
+
+
+def remote_paths(workdir, scope, name, sha):
+    folder = posixpath.join(workdir, scope, name, sha)
     return {
         "folder": folder,
         "source": posixpath.join(folder, "source"),
@@ -171,11 +188,28 @@ def first_word(text):
     return words[0] if words else None
 
 
-def conversion_script_path(paths):
+def conversion_script():
+    """archive_to_sif.py's bytes and full sha256."""
+    content = runtime.ARCHIVE_TO_SIF.read_bytes()
+    return content, hashlib.sha256(content).hexdigest()
+
+
+def conversion_script_path(paths, digest):
     """Where archive_to_sif.py goes on the builder: under a name of its content, so it is sent
     once per version."""
-    digest = hashlib.sha256(runtime.ARCHIVE_TO_SIF.read_bytes()).hexdigest()[:16]
-    return posixpath.join(paths["tools"], f"archive_to_sif.{digest}.py")
+    return posixpath.join(paths["tools"], f"archive_to_sif.{digest[:16]}.py")
+
+
+def run_if_unchanged(script, digest, command):
+    """`command` (which runs `script`) only if `script` still has the sha256 `digest`: its name
+    holds its hash, but anyone with the builder account could have written another file there
+    since it was sent."""
+    quoted = shlex.quote(script)
+    return (
+        f"r2s_script=$(sha256sum -- {quoted}) && r2s_script=${{r2s_script%% *}} && {{ [ \"$r2s_script\" = {shlex.quote(digest)} ] || "
+        f"{{ printf '%s was changed on the builder since it was sent (sha256 %s); not run\\n' {quoted} \"$r2s_script\"; false; }}; }} && "
+        f"{command}"
+    )
 
 
 def check_tarball_receipt(receipt, found, receipt_path):
@@ -350,7 +384,7 @@ class BuilderSession:
         self.transport.close()
 
     def paths(self, name, sha):
-        return remote_paths(self.workdir, name, sha)
+        return remote_paths(self.workdir, self.settings.scope, name, sha)
 
     def preflight(self):
         """Raises StepError with one line per problem; the versions found go into the log."""
@@ -426,6 +460,7 @@ class SSHBuilder(Builder):
     def build_image(self, spec, source, receipt):
         """Send the clone to the builder, run repo2docker there with the same arguments as a
         local build (once a build slot is free), and write the receipt here."""
+        spec = dataclasses.replace(spec, tag=scoped_tag(self.settings.scope, spec.tag))
         with self.session("build_image") as builder:
             paths = builder.paths(spec.name, spec.sha)
             builder.transport.log(f"sending {source} to {paths['source']}")
@@ -498,12 +533,14 @@ class SSHBuilder(Builder):
         with self.session("build_sif") as builder:
             paths = builder.paths(name, sha)
             # each round trip costs a few tens of ms: the small questions go together
-            script = conversion_script_path(paths) if self.conversion == "fast" else None
+            content, digest = conversion_script()
+            script = conversion_script_path(paths, digest) if self.conversion == "fast" else None
             questions = {"checksum": ["cat", "--", paths["checksum"]], "tarball": ["stat", "-L", "-c", "%s", "--", tarball["path"]]}
-            found = builder.ask(**questions, **({"script": ["test", "-e", script]} if script else {}))
+            found = builder.ask(**questions, **({"script": ["sha256sum", "--", script]} if script else {}))
             if first_word(answer(found, "checksum")) is None:
                 size = answer(found, "tarball")
-                self.make_sif(builder, paths, tarball, saved, int(size) if size and size.strip().isdigit() else None, script, answer(found, "script") is not None)
+                script_there = first_word(answer(found, "script")) == digest
+                self.make_sif(builder, paths, tarball, saved, int(size) if size and size.strip().isdigit() else None, script, script_there)
             # the tarball is no longer needed once the SIF exists
             found = builder.ask(checksum=questions["checksum"], removed=["rm", "-f", "--", tarball["path"]], size=["stat", "-L", "-c", "%s", "--", paths["sif"]])
             digest = first_word(answer(found, "checksum"))
@@ -521,11 +558,15 @@ class SSHBuilder(Builder):
         check_tarball_receipt(tarball, None if size is None else {"size": size}, saved)
         fast = self.conversion == "fast"
         compression = runtime.choose_compression(self.compression_setting, fast or builder.versions["mksquashfs_args"])
+        content, digest = conversion_script()
         if fast and not script_there:
-            builder.transport.put_file(runtime.ARCHIVE_TO_SIF.read_bytes(), script)
+            # a file of that name with other content is replaced, never run
+            builder.transport.put_file(content, script)
         partial = paths["sif"] + ".partial"
         convert = runtime.conversion_command(self.conversion, self.settings.runtime, compression, partial, tarball["path"], self.settings.python, script)
         build = remote_command(["rm", "-f", "--", partial], convert)
+        if fast:
+            build = run_if_unchanged(script, digest, build)
         # the tarball's digest is checked while the SIF is built from it (hashing it first would
         # cost the chain a full read), and the SIF takes its name only if it matched; the
         # checksum file comes last, so that it marks a finished SIF
