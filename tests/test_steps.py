@@ -143,7 +143,7 @@ def test_progress_lines_say_where_the_tool_is():
 def test_a_running_tool_reports_its_build_step(tmp_path, monkeypatch, capsys):
     from repo2singularity import tools
 
-    monkeypatch.setattr(tools, "PROGRESS_SECONDS", 0.2)
+    monkeypatch.setattr(tools, "TOOL_PROGRESS_SECONDS", 0.2)
     run_logged(["sh", "-c", "echo '#5 [2/3] RUN make all'; sleep 2; echo '#6 [3/3] COPY . /srv'; sleep 2"], tmp_path / "log", "build_image")
     lines = capsys.readouterr().err.splitlines()
     assert any(line.startswith("  build_image: build step 2/3: RUN make all (0m") for line in lines), lines

@@ -15,6 +15,9 @@ from .files import HashingWriter, write_json_atomic
 from .step import StepError
 from .tools import say
 
+# what every transfer here shares: the SSH transport's, the build service client's and the registry's
+CHUNK = 1 << 20
+CONNECT_TIMEOUT_SECONDS = 15
 PROGRESS_SECONDS = 5
 # tests slow a download down to cut it midway (bytes per second)
 RATE_LIMIT_VARIABLE = "R2S_DOWNLOAD_LIMIT_BPS"

@@ -11,7 +11,7 @@ from .step import StepError
 
 # states in which a job may still start or is running (squeue --states=... spelling)
 ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "RESIZING", "SUSPENDED", "REQUEUED"}
-STOP_WAIT_SECONDS = 30
+CANCEL_WAIT_SECONDS = 30
 
 
 def sbatch_command(script, job_name, output, workdir, partition="", time_limit="", cpus=1, mem_mb=0, gpus=0, extra_args=()):
@@ -89,7 +89,7 @@ def is_active(state):
     return state in ACTIVE_STATES
 
 
-def cancel(job_id, wait=STOP_WAIT_SECONDS):
+def cancel(job_id, wait=CANCEL_WAIT_SECONDS):
     """scancel the job and wait until Slurm no longer counts it as active; True if it was."""
     state, _ = job_state(job_id)
     if not is_active(state):

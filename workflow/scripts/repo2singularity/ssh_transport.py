@@ -20,18 +20,16 @@ from pathlib import Path
 
 # RATE_LIMIT_VARIABLE (a test aid, and a way to share a thin link), progress_line, resume_offset:
 # tests and bench name them from here
-from .downloads import RATE_LIMIT_VARIABLE, Download, progress_line, resume_offset  # noqa: F401
+from .downloads import CHUNK, CONNECT_TIMEOUT_SECONDS, RATE_LIMIT_VARIABLE, Download, progress_line, resume_offset  # noqa: F401
 from .step import StepError
 from .tools import report_progress, say, tail
 
-CONNECT_TIMEOUT_SECONDS = 15
 # a connection whose network dies without a word (no FIN, no RST) would keep a step waiting for
 # hours, in any call that waits for the other side: every QUIET_SECONDS it is asked for a reply,
 # and a connection whose other side gives none within REPLY_SECONDS is closed, which ends every
 # wait on it (as ssh's ServerAliveInterval does)
 QUIET_SECONDS = 60
 REPLY_SECONDS = 30
-CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)

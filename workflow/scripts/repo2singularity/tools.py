@@ -13,7 +13,7 @@ from pathlib import Path
 from .processes import end_process_group
 from .step import StepError, raise_deferred_signal, signals_deferred
 
-PROGRESS_SECONDS = 10
+TOOL_PROGRESS_SECONDS = 10
 HEARTBEAT_SECONDS = 30
 # the tool ends with the step, even when the step is killed outright: setpriv sets the
 # parent-death signal in the child, after fork, where Python code could deadlock
@@ -90,14 +90,14 @@ def log_tail_lines(path, size=16384):
 
 def report_progress(step, log_path, where=""):
     """While a tool runs: a line on the terminal saying where it is (read from its output in the
-    step's log), when that changes (at most every PROGRESS_SECONDS) and at least every
+    step's log), when that changes (at most every TOOL_PROGRESS_SECONDS) and at least every
     HEARTBEAT_SECONDS. Returns the event that ends the reports."""
     started = time.monotonic()
     finished = threading.Event()
 
     def report():
         said, said_at = None, started
-        while not finished.wait(PROGRESS_SECONDS):
+        while not finished.wait(TOOL_PROGRESS_SECONDS):
             now = time.monotonic()
             where_now = describe_progress(log_tail_lines(log_path))
             if where_now != said or now - said_at >= HEARTBEAT_SECONDS:

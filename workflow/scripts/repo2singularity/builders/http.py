@@ -14,7 +14,7 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..downloads import Download
+from ..downloads import CHUNK, Download
 from ..files import checksum_line, write_json_atomic, write_text_atomic
 from ..input_limits import cut, shown
 from ..step import StepError
@@ -24,7 +24,6 @@ from .base import Builder, InvalidBuilder
 CONNECT_SECONDS = 15
 # the service sends a heartbeat at least every 30 s: three missed ones mean the stream is dead
 READ_SECONDS = 90
-CHUNK = 1 << 20
 # a lost event stream is asked again this often (the service replays the build's events)
 RECONNECTS = 5
 RECONNECT_SECONDS = 2

@@ -10,13 +10,12 @@ import time
 from pathlib import Path
 
 from .. import runtime
+from ..downloads import PROGRESS_SECONDS
 from ..files import checksum_line, sha256_file, temporary_sibling, write_json_atomic, write_text_atomic
 from ..image import image_missing, image_receipt, repo2docker_command
 from ..step import StepError
 from ..tools import python_tool, run_logged, say
 from .base import Builder
-
-PROGRESS_SECONDS = 5
 
 
 class LocalBuilder(Builder):

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import requests
 
+from ..downloads import CHUNK, CONNECT_TIMEOUT_SECONDS, PROGRESS_SECONDS, RATE_LIMIT_VARIABLE
 from ..files import HashingWriter, checksum_line, sha256_file, temporary_sibling, write_text_atomic
 from ..repository import redact_url
 from .errors import DigestMismatchError, RegistryError, UnreachableError
 from .session import (
-    CHUNK,
-    CONNECT_TIMEOUT_SECONDS,
     LOOKUP_WORKERS,
     READ_TIMEOUT_SECONDS,
     RegistrySession,
@@ -34,9 +33,7 @@ TITLE_ANNOTATION = "org.opencontainers.image.title"
 # apptainer's config blob: an empty JSON object
 EMPTY_CONFIG = b"{}"
 MAX_MANIFEST_BYTES = 4 << 20
-PROGRESS_SECONDS = 5
 # the same test aid (and way to share a thin link) as the builder's downloads: bytes per second
-RATE_LIMIT_VARIABLE = "R2S_DOWNLOAD_LIMIT_BPS"
 
 
 @dataclass(frozen=True)

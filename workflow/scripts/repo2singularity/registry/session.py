@@ -11,19 +11,18 @@ import urllib.parse
 
 import requests
 
+from ..downloads import CHUNK, CONNECT_TIMEOUT_SECONDS
 from .credentials import CredentialFinder
 from .errors import AuthenticationError, InvalidRegistrySetting, RegistryError, UnreachableError
 
 CHALLENGE_PARAMETER = re.compile(r'([A-Za-z_]+)=(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))')
 
-CONNECT_TIMEOUT_SECONDS = 15
 # a registry that stops sending mid-transfer is given up after this long without a byte
 READ_TIMEOUT_SECONDS = 60
 # connection errors of idempotent requests are retried this often, as BinderHub does
 ATTEMPTS = 3
 RETRY_PAUSE_SECONDS = 0.5
 LOOKUP_WORKERS = 8
-CHUNK = 1 << 20
 
 
 def parse_challenge(header):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..files import write_text_atomic
 
-NAME_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+USER_NAME_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 
 
 class AccountError(Exception):
@@ -31,7 +31,7 @@ class Accounts:
 
     def add_user(self, name):
         """Make (or replace) `name`'s token; returns the token, which is stored nowhere."""
-        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        if not isinstance(name, str) or not USER_NAME_PATTERN.fullmatch(name):
             raise AccountError(f"user name {name!r} is not 1-32 of a-z, 0-9, '_', '-' starting with a letter")
         users = self.read()
         token = secrets.token_hex(32)

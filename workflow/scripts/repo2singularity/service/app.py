@@ -24,7 +24,7 @@ from .runner import WorkflowRunner
 log = logging.getLogger("repo2singularity.service")
 BUILD_ID = r"([0-9a-f]{16})"
 # the JSON body is checked against 64 KiB itself (413 in one line); past this Tornado drops the connection
-MAX_BODY_BYTES = 1 << 20
+MAX_REQUEST_BYTES = 1 << 20
 
 
 def routes():
@@ -101,7 +101,7 @@ def listen(settings, runner=None):
     server = tornado.httpserver.HTTPServer(
         make_app(service),
         ssl_options=ssl_context(settings),
-        max_body_size=MAX_BODY_BYTES,
+        max_body_size=MAX_REQUEST_BYTES,
         idle_connection_timeout=300,
     )
     sockets = tornado.netutil.bind_sockets(settings["port"], settings["listen_address"])
