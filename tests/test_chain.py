@@ -241,3 +241,43 @@ def test_run_killed_during_the_sif_step_resumes_without_rebuilding_the_image(lau
     digest = (folder / "example.sif.sha256").read_text().split()[0]
     assert subprocess.run(["sha256sum", folder / "example.sif"], capture_output=True, text=True).stdout.split()[0] == digest
     assert not list(folder.glob(".example.sif.*partial*"))
+
+
+def rules_run(result):
+    """The rules a run ran, or a dry run would run (local rules are listed as `localrule`)."""
+    lines = (result.stdout + result.stderr).splitlines()
+    return {line.split()[1].rstrip(":") for line in lines if line.startswith(("rule ", "localrule "))}
+
+
+def test_changing_sif_conversion_reruns_the_sif_step_and_not_the_image_build(launched):
+    """Issue 18: settings reach a job as its params, and a setting that changes an output reruns
+    exactly its rule. `sif_conversion` changes the SIF: build_sif reruns, build_image does not.
+    save_image reruns as well, because image.tar is a temp() file, gone once the SIF was made,
+    and build_sif needs it again (from the image that Docker still holds)."""
+    repo, workdir, *_ = launched
+    sha = repo.head()
+    folder = result_dir(workdir, sha)
+    apptainer = {**config_for(repo), "sif_conversion": "apptainer"}
+    snakemake(workdir, "build", config=config_for(repo))  # the newest commit's SIF, if a test before left none
+    unchanged = snakemake(workdir, "build", "-n", "--rerun-triggers", "params", config=config_for(repo))
+    assert "Nothing to be done" in unchanged.stdout + unchanged.stderr
+    # only params may trigger a rerun here, so what the plan lists is what the change of setting reruns
+    plan = snakemake(workdir, "build", "-n", "--rerun-triggers", "params", config=apptainer)
+    assert rules_run(plan) == {"save_image", "build_sif", "build"}, plan.stdout + plan.stderr
+    assert "Params have changed since last execution" in plan.stdout + plan.stderr
+    receipt_mtime = (folder / "image.json").stat().st_mtime_ns
+    sif_mtime = (folder / "example.sif").stat().st_mtime_ns
+    rerun = snakemake(workdir, "build", config=apptainer)
+    assert rules_run(rerun) == {"save_image", "build_sif", "build"}
+    assert (folder / "image.json").stat().st_mtime_ns == receipt_mtime
+    assert (folder / "example.sif").stat().st_mtime_ns != sif_mtime
+    commands = [line for line in (folder / "logs" / "build_sif.log").read_text().splitlines() if line.startswith("$ ")]
+    assert commands[-1].split()[2] == "build" and "docker-archive://" in commands[-1], commands[-1]
+    digest = (folder / "example.sif.sha256").read_text().split()[0]
+    assert subprocess.run(["sha256sum", folder / "example.sif"], capture_output=True, text=True).stdout.split()[0] == digest
+    labels = json.loads(runtime("inspect", "--json", "--labels", str(folder / "example.sif")).stdout)["data"]["attributes"]["labels"]
+    assert labels["repo2singularity.sha"] == sha
+    # the same setting again: nothing to do; back to the default: the SIF step again, and only it
+    again = snakemake(workdir, "build", "-n", config=apptainer)
+    assert "Nothing to be done" in again.stdout + again.stderr
+    assert rules_run(snakemake(workdir, "build", "-n", config=config_for(repo))) == {"save_image", "build_sif", "build"}

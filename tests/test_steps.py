@@ -148,3 +148,25 @@ def test_a_running_tool_reports_its_build_step(tmp_path, monkeypatch, capsys):
     lines = capsys.readouterr().err.splitlines()
     assert any(line.startswith("  build_image: build step 2/3: RUN make all (0m") for line in lines), lines
     assert any(line.startswith("  build_image: build step 3/3: COPY . /srv (0m") for line in lines), lines
+
+
+def test_builder_settings_are_no_plain_param_and_the_sif_options_are():
+    """Issue 18: the scripts read their settings from their params. Snakemake records and
+    compares plain params only (rerun-triggers `params`): the builder's settings are an object,
+    so where a step runs reruns nothing; the SIF's options are a plain dict, so a change of one
+    reruns build_sif. The rerun itself is checked on the real workflow (test_chain.py)."""
+    from snakemake.persistence import UNREPRESENTABLE, PersistenceBase
+
+    from repo2singularity import builders
+    from repo2singularity.builders.local import LocalBuilder
+
+    config = {"builder": "local", "runtime": "apptainer", "sif_compression": "auto", "sif_conversion": "fast", "repo": "x"}
+    settings = builders.BuilderSettings.from_config(config)
+    recorded = PersistenceBase._serialize_param_builtin  # what Snakemake 9 records of a param, and compares
+    assert recorded(None, settings) is UNREPRESENTABLE
+    assert recorded(None, settings.sif_options) == "{'runtime': 'apptainer', 'sif_compression': 'auto', 'sif_conversion': 'fast'}"
+    builder = builders.from_config(settings.with_sif_options({**settings.sif_options, "sif_conversion": "apptainer"}), "log")
+    assert isinstance(builder, LocalBuilder) and builder.conversion == "apptainer" and builder.runtime == "apptainer"
+    assert settings["builder"] == "local" and settings.get("repo") is None
+    with pytest.raises(KeyError):
+        settings["sif_options"]

@@ -60,6 +60,25 @@ try:
 except registry.RegistryError as error:
     fail(str(error))
 
+try:
+    # `builder: local` (the default), `podman`, or a mapping naming a kind (`ssh`: a host over
+    # SSH); see docs/remote-builder.md and workflow/scripts/repo2singularity/builders/
+    BUILDER = builders.builder_class(config)
+    BUILDER.prepare_run(config, os.environ)
+except builders.InvalidBuilder as error:
+    fail(str(error))
+# Settings reach a job as its params, made here once: a typed object (the builder's, the
+# registry's) where a change alters no output, since Snakemake records and compares only plain
+# params; a plain value where a change must rerun the rule (build_sif's `sif_options`)
+BUILDER_SETTINGS = builders.BuilderSettings.from_config(config)
+# what the launchers read; sorted, so that the same settings read the same in every run
+LAUNCHER_SETTINGS = {
+    key: config[key]
+    for key in sorted(config)
+    if key in ("launch_on", "registry_credentials_env")
+    or (config["launch_on"] == "slurm" and key.startswith("slurm_"))
+}
+
 # every job's script gets the configuration pickled into .snakemake/scripts/, which a killed
 # workflow leaves behind: it keeps the repository without credentials (the clone gets them from
 # the build's Repository)
@@ -150,13 +169,12 @@ def get_registry_image(wildcards):
 
 
 def get_registry_reference(wildcards):
-    """Where the image is (or goes) in the registry: what it was pulled from, else the setting's."""
-    pulled = Path(
-        RESULTS, wildcards.name, wildcards.sha, PULLED.format(name=wildcards.name)
-    )
-    if pulled.exists():
-        return json.loads(pulled.read_text())["reference"]
-    return REGISTRY.reference(wildcards.name, wildcards.sha) if REGISTRY else ""
+    """Where the image goes in the registry (push_sif)."""
+    if REGISTRY is None:
+        fail(
+            "push_sif needs a registry: set registry=oras://... and registry_mode=push"
+        )
+    return REGISTRY.reference(wildcards.name, wildcards.sha)
 
 
 def get_push_targets(wildcards):

@@ -1,12 +1,3 @@
-try:
-    # `builder: local` (the default) or a mapping naming a kind (`ssh`: a host over SSH); see
-    # docs/remote-builder.md and workflow/scripts/repo2singularity/builders/
-    BUILDER = builders.builder_class(config)
-    BUILDER.prepare_run(config, os.environ)
-except builders.InvalidBuilder as error:
-    fail(str(error))
-
-
 rule build_image:
     input:
         source=rules.clone_source.output.source,
@@ -31,6 +22,7 @@ rule build_image:
         extra_args=lambda wildcards: get_build(wildcards).repo2docker_args,
         # an object, not the URL (see clone_source): a builder that fetches the commit itself needs it
         repository=lambda wildcards: get_build(wildcards).repository,
+        builder=BUILDER_SETTINGS,
     script:
         f"{SCRIPTS}/build_image.py"
 
@@ -47,6 +39,8 @@ rule save_image:
     group:
         BUILDER.step_group
     localrule: BUILDER.step_group is None
+    params:
+        builder=BUILDER_SETTINGS,
     script:
         f"{SCRIPTS}/save_image.py"
 
@@ -57,5 +51,7 @@ rule check_builder:
     benchmark:
         f"{RESULTS}/benchmarks/check_builder/{CALL_STAMP}.tsv"
     localrule: True
+    params:
+        builder=BUILDER_SETTINGS,
     script:
         f"{SCRIPTS}/check_builder.py"

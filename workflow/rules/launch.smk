@@ -21,9 +21,8 @@ rule launch_jupyter:
         timeout=settings.launch_timeout,
         writable=settings.launch_writable,
         idle_timeout=config["idle_timeout"],
-        # read by the launcher from the configuration; here so that a change relaunches
-        launch_on=config["launch_on"],
-        slurm={key: config[key] for key in config if key.startswith("slurm_")},
+        # a plain value: a change of where or how the server runs relaunches it
+        launcher=LAUNCHER_SETTINGS,
         runtime_args=get_launch_runtime_args,
         binds=config["launch_binds"],
     script:

@@ -18,7 +18,9 @@ rule pull_sif:
         get_step_benchmark("pull_sif")
     localrule: True
     params:
-        reference=get_registry_reference,
+        # an object: where the registry is and how to reach it rerun nothing, since a SIF that
+        # was pulled stays what it is
+        registry=REGISTRY,
     script:
         f"{SCRIPTS}/pull_sif.py"
 
@@ -40,6 +42,8 @@ rule push_sif:
         get_step_benchmark("push_sif")
     localrule: True
     params:
+        registry=REGISTRY,
+        # a plain value: a registry setting that pushes elsewhere pushes again
         reference=get_registry_reference,
     script:
         f"{SCRIPTS}/push_sif.py"

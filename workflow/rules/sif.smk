@@ -12,9 +12,10 @@ rule build_sif:
         BUILDER.step_group
     localrule: BUILDER.step_group is None
     params:
-        # read by the builder from the configuration; here so that a change rebuilds the SIF
-        runtime=settings.runtime,
-        compression=settings.sif_compression,
+        builder=BUILDER_SETTINGS,
+        # plain values, so that a change of one reruns this rule (and what follows it), not
+        # build_image; save_image reruns too, since image.tar is a temp() file
+        sif_options=BUILDER_SETTINGS.sif_options,
     script:
         f"{SCRIPTS}/build_sif.py"
 

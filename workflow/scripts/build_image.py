@@ -19,5 +19,5 @@ spec = ImageSpec(
 )
 run_step(
     "build_image",
-    lambda: builders.from_config(snakemake.config, snakemake.log[0]).build_image(spec, snakemake.input.source, snakemake.output.receipt),
+    lambda: builders.from_config(snakemake.params.builder, snakemake.log[0]).build_image(spec, snakemake.input.source, snakemake.output.receipt),
 )

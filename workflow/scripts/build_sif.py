@@ -9,7 +9,7 @@ snakemake = globals()["snakemake"]  # put there by the rule's script: directive 
 
 
 def build_sif():
-    builder = builders.from_config(snakemake.config, snakemake.log[0])
+    builder = builders.from_config(snakemake.params.builder.with_sif_options(snakemake.params.sif_options), snakemake.log[0])
     builder.build_sif(snakemake.wildcards.name, snakemake.wildcards.sha, snakemake.input.tarball, snakemake.output.sif, snakemake.output.checksum)
     mark_latest(snakemake.output.sif)
 

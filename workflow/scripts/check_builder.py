@@ -6,4 +6,4 @@ from repo2singularity.tools import say
 
 snakemake = globals()["snakemake"]  # put there by the rule's script: directive before this runs
 
-run_step("check_builder", lambda: say(builders.from_config(snakemake.config, snakemake.log[0]).readiness()))
+run_step("check_builder", lambda: say(builders.from_config(snakemake.params.builder, snakemake.log[0]).readiness()))

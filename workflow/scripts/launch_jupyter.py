@@ -26,4 +26,4 @@ request = launchers.LaunchRequest(
     runtime_args=tuple(snakemake.params.runtime_args),
     binds=tuple(snakemake.params.binds),
 )
-run_step("launch_jupyter", lambda: servers.launch(launchers.from_config(snakemake.config), request))
+run_step("launch_jupyter", lambda: servers.launch(launchers.from_config(snakemake.params.launcher), request))

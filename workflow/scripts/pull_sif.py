@@ -1,6 +1,5 @@
 """Rule pull_sif: an image the registry has for this commit, pulled instead of built."""
 
-from repo2singularity.registry import RegistrySettings
 from repo2singularity.results import mark_latest
 from repo2singularity.shared_sifs import pull
 from repo2singularity.step import run_step
@@ -9,9 +8,8 @@ snakemake = globals()["snakemake"]  # put there by the rule's script: directive 
 
 
 def pull_sif():
-    settings = RegistrySettings.from_config(snakemake.config)
     pull(
-        settings,
+        snakemake.params.registry,
         snakemake.wildcards.name,
         snakemake.wildcards.sha,
         snakemake.output.sif,

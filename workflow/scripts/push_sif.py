@@ -1,6 +1,5 @@
 """Rule push_sif: a SIF built here, pushed to the registry with its provenance."""
 
-from repo2singularity.registry import RegistrySettings
 from repo2singularity.shared_sifs import push
 from repo2singularity.step import run_step
 
@@ -9,7 +8,7 @@ snakemake = globals()["snakemake"]  # put there by the rule's script: directive 
 run_step(
     "push_sif",
     lambda: push(
-        RegistrySettings.from_config(snakemake.config),
+        snakemake.params.registry,
         snakemake.wildcards.name,
         snakemake.wildcards.sha,
         snakemake.input.sif,
@@ -17,5 +16,6 @@ run_step(
         snakemake.input.receipt,
         snakemake.output.pushed,
         snakemake.log[0],
+        reference=snakemake.params.reference,
     ),
 )

@@ -7,7 +7,7 @@ snakemake = globals()["snakemake"]  # put there by the rule's script: directive 
 
 run_step(
     "save_image",
-    lambda: builders.from_config(snakemake.config, snakemake.log[0]).save_image(
+    lambda: builders.from_config(snakemake.params.builder, snakemake.log[0]).save_image(
         snakemake.wildcards.name, snakemake.wildcards.sha, snakemake.input.receipt, snakemake.output.tarball
     ),
 )

@@ -75,9 +75,13 @@ def pull(settings, name, sha, sif, checksum, image_receipt, pulled_receipt, log)
     say(f"  pull_sif: {Path(sif).name} from oras://{found.reference}")
 
 
-def push(settings, name, sha, sif, checksum, image_receipt, pushed_receipt, log):
+def push(settings, name, sha, sif, checksum, image_receipt, pushed_receipt, log, *, reference):
     """Push the SIF with its provenance (repository, ref, commit, repo2docker's version) and
-    its image.json as manifest annotations; the receipt records the registry's digest."""
+    its image.json as manifest annotations; the receipt records the registry's digest.
+    `reference` is push_sif's param (what a change of the registry setting reruns it for): the
+    one the settings push to, or the receipt would name another image than the one pushed."""
+    if reference != settings.reference(name, sha):
+        raise StepError(f"push_sif: asked to push to oras://{reference}, but the registry setting pushes to oras://{settings.reference(name, sha)}")
     receipt = json.loads(Path(image_receipt).read_text())
     labels = receipt.get("labels") or {}
     annotations = {
@@ -92,7 +96,6 @@ def push(settings, name, sha, sif, checksum, image_receipt, pushed_receipt, log)
         with open(log, "a") as handle:
             handle.write(f"{error}\n")
         raise StepError(str(error)) from None
-    reference = settings.reference(name, sha)
     write_json_atomic(pushed_receipt, {"reference": reference, "manifest_digest": digest, "sif_digest": f"sha256:{sif_sha256}", "pushed": now()})
     with open(log, "a") as handle:
         handle.write(f"pushed {sif} to oras://{reference} ({digest})\n")

@@ -4,6 +4,7 @@ another file of this package (`ssh`: a host over SSH)."""
 
 import importlib
 import pkgutil
+from dataclasses import dataclass, fields, replace
 
 from .base import Builder, InvalidBuilder
 
@@ -34,7 +35,51 @@ def builder_class(config):
 
 
 def from_config(config, log=None):
+    """A builder for one step: `config` is the workflow's configuration or a BuilderSettings."""
     return builder_class(config)(config, log)
 
 
-__all__ = ["Builder", "InvalidBuilder", "builder_class", "from_config", "kind_of"]
+@dataclass(frozen=True)
+class BuilderSettings:
+    """What the Docker and SIF steps read of the configuration, made once per run in common.smk
+    and handed to their scripts as the `builder` param. It is no plain value on purpose:
+    Snakemake records and compares only plain params (rerun-triggers `params`), so where and how
+    a step runs (`builder`: a host, its key file, build slots) reruns nothing and reaches no
+    record. What changes a SIF (`sif_options`) is build_sif's plain param, which its script
+    hands back here (`with_sif_options`): changing one reruns build_sif and nothing before it."""
+
+    builder: object
+    runtime: str
+    sif_compression: str
+    sif_conversion: str
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(
+            builder=config.get("builder", "local"),
+            runtime=config["runtime"],
+            sif_compression=config["sif_compression"],
+            sif_conversion=config["sif_conversion"],
+        )
+
+    @property
+    def sif_options(self):
+        return {"runtime": self.runtime, "sif_compression": self.sif_compression, "sif_conversion": self.sif_conversion}
+
+    def with_sif_options(self, options):
+        return replace(self, **options)
+
+    # the Builder kinds read their settings as config[key], from either this or a configuration
+    def __getitem__(self, key):
+        if key not in {field.name for field in fields(self)}:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key, default=None):
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+
+__all__ = ["Builder", "BuilderSettings", "InvalidBuilder", "builder_class", "from_config", "kind_of"]
