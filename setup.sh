@@ -129,13 +129,21 @@ if [ "$(id -u)" -eq 0 ]; then
         status=0
         as_account .venv/bin/python -m pytest -p no:cacheprovider tests || status=$?
         echo "tests/ (as $account) took $((SECONDS - started)) s; $(df -h --output=avail /tmp | tail -1 | tr -d ' ') free in /tmp"
-        # the Debian 12 sudo rule, checked as root with throw-away accounts (tests/root); a
-        # native Apptainer (Debian 13, HPC) has no such rule to check
-        if grep -qs 'Installed by repo2singularity' /usr/local/bin/apptainer; then
-            (cd "$workspace" && PYTHONDONTWRITEBYTECODE=1 .venv/bin/python -m pytest -p no:cacheprovider tests/root) || status=$?
-        else
-            echo "tests/root: not run (apptainer is installed natively, without the Debian 12 sudo rule)"
+        # tests/root, as root with throw-away accounts: the Debian 12 apptainer entry wherever
+        # it is installed or expected (its sid root file system is there), and what holds for
+        # every installation; only a native Apptainer (Debian 13, HPC) has no entry to check
+        apptainer_path=$(command -v apptainer || true)
+        root_tests=(tests/root)
+        if ! grep -qs 'Installed by repo2singularity' "$apptainer_path"; then
+            root_tests=(tests/root/test_port_taken_by_another_account.py)
+            if [ -z "$apptainer_path" ] || [ -d /opt/repo2singularity/apptainer-rootfs ]; then
+                echo "tests/root: FAILED: apptainer is ${apptainer_path:-not on PATH}, not the Debian 12 entry of setup/system.sh (/opt/repo2singularity/apptainer-rootfs); run bash setup.sh as root" >&2
+                status=1
+            else
+                echo "tests/root/test_apptainer_entry.py: not run ($apptainer_path is a native Apptainer, without the Debian 12 entry)"
+            fi
         fi
+        (cd "$workspace" && PYTHONDONTWRITEBYTECODE=1 .venv/bin/python -m pytest -p no:cacheprovider "${root_tests[@]}") || status=$?
         wait "$hosts" || status=$?
         echo "---- tests/hosts, as root, beside the runs above (its log: $hosts_log), ended after $((SECONDS - started)) s:"
         cat "$hosts_log"

@@ -438,21 +438,20 @@ for d in "${BOUND_FOLDERS[@]}"; do
     [ -d "$d" ] && [ -d "$ROOTFS$d" ] && [ ! -L "$ROOTFS$d" ] || continue
     real=$(readlink -f "$d")
     mount --rbind "$real" "$ROOTFS$d"
+    # a setuid program or device node in a bound folder (a member's own, or one it may only
+    # read) must give no one more than their own rights: nosuid,nodev on it and every mount below
+    while read -r target; do
+        target=$(printf '%b' "$target")
+        mount -o remount,bind,nosuid,nodev "$target" || die "cannot make $target nosuid,nodev"
+    done < <(findmnt -rn -o TARGET -R "$ROOTFS$d")
     shown+=("$d")
     [ "$real" = "$d" ] || shown+=("$real")
 done
-mount -t proc proc "$ROOTFS/proc"
+# the machine's own /proc, with its options (a fresh proc mount would drop hidepid, and let a
+# member see every account's processes), and its own /dev with the machine's device modes
+mount --rbind /proc "$ROOTFS/proc"
 mount --rbind /sys "$ROOTFS/sys"
 mount --rbind /dev "$ROOTFS/dev"
-# /dev/fuse is 0666 on a usual Debian system (udev rule of fuse3), but 0600 on machines
-# without udev; squashfuse (running SIF files without extracting them) needs it usable.
-# Give this namespace its own 0666 node instead of changing the machine's.
-if [ -c /dev/fuse ] && [ "$(stat -c %a /dev/fuse)" != 666 ] && [ -d "$ROOTFS/.r2s-dev" ]; then
-    mount -t tmpfs -o size=16k,mode=0755 r2s-dev "$ROOTFS/.r2s-dev"
-    mknod -m 0666 "$ROOTFS/.r2s-dev/fuse" c "$((0x$(stat -c %t /dev/fuse)))" "$((0x$(stat -c %T /dev/fuse)))"
-    mount --bind "$ROOTFS/.r2s-dev/fuse" "$ROOTFS/dev/fuse"
-    umount -l "$ROOTFS/.r2s-dev"
-fi
 for f in /etc/passwd /etc/group /etc/hosts /etc/resolv.conf /etc/subuid /etc/subgid; do
     [ -f "$f" ] && [ -f "$ROOTFS$f" ] && [ ! -L "$ROOTFS$f" ] || continue
     mount --bind "$f" "$ROOTFS$f"
@@ -609,7 +608,7 @@ extend_bound_folders() {
 # What the namespace stage mounts onto: made here, once, so that it never writes to ROOTFS.
 prepare_rootfs() {
     local d f
-    for d in $BOUND_FOLDERS /.oldroot /.r2s-dev; do
+    for d in $BOUND_FOLDERS /.oldroot; do
         [ -e "$ROOTFS$d" ] || [ -L "$ROOTFS$d" ] || mkdir -p "$ROOTFS$d"
     done
     for f in /etc/passwd /etc/group /etc/hosts /etc/resolv.conf /etc/subuid /etc/subgid; do

@@ -29,6 +29,7 @@ if os.geteuid() != 0:
     raise RuntimeError("tests/root runs as root: it makes throw-away accounts (pytest tests/root, as root)")
 ENTRY = Path(re.search(r"exec sudo -n (\S+)", WRAPPER.read_text()).group(1))
 ROOTFS = Path(re.search(r"^ROOTFS=(\S+)$", ENTRY.read_text(), re.MULTILINE).group(1))
+NAMESPACE_STAGE = ENTRY.with_name("apptainer-namespace")
 
 
 def run(*command, check=True, **options):
@@ -341,3 +342,47 @@ def has_file_capabilities(path):
     except OSError:
         return False
     return True
+
+
+def mount_table(pid):
+    """(mount point, device, per-mount options) of each mount that process `pid` sees."""
+    table = []
+    for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
+        fields = line.split()
+        table.append((fields[4].replace("\\040", " "), fields[2], set(fields[5].split(","))))
+    return table
+
+
+def test_the_namespace_gives_a_member_no_more_than_the_machine_does(accounts, place):
+    """The private namespace a member's apptainer runs in has the machine's own /proc (its
+    options, hidepid among them, come with it: a fresh proc mount would drop them), the machine's
+    device modes (/dev/fuse included), and nosuid,nodev on every folder bound from the machine:
+    a setuid program or a device node in a folder a member can write to gives nothing there.
+    Apptainer's starter keeps a copy of that namespace's mounts, flags and devices included."""
+    member = accounts["member"]
+    bound = re.search(r"^BOUND_FOLDERS=\((.*)\)$", NAMESPACE_STAGE.read_text(), re.MULTILINE).group(1).split()
+    started = member.popen('cd "$1" && exec apptainer exec "$2" sleep 30', place["work"], place["sandbox"])
+    try:
+        deadline = time.monotonic() + 60
+        seen = None
+        while seen is None:
+            assert started.poll() is None and time.monotonic() < deadline, started.communicate()
+            time.sleep(0.2)
+            for starter in (p.pid for p in member.processes() if p.name() == "starter"):
+                try:  # a starter of an earlier test may be ending
+                    seen = mount_table(starter)
+                    fuse_mode = stat.S_IMODE(Path(f"/proc/{starter}/root/dev/fuse").stat().st_mode) if Path("/dev/fuse").exists() else None
+                    break
+                except OSError:
+                    seen = None
+        machine_proc = [device for point, device, _ in mount_table("self") if point == "/proc"]
+        assert [device for point, device, _ in seen if point == "/proc"] == machine_proc[-1:]
+        if fuse_mode is not None:
+            assert fuse_mode == stat.S_IMODE(os.stat("/dev/fuse").st_mode)
+        from_machine = [(point, options) for point, _, options in seen if any(point == d or point.startswith(f"{d}/") for d in bound)]
+        assert {"/tmp", "/home"} <= {point for point, _ in from_machine}, seen
+        assert [point for point, options in from_machine if not {"nosuid", "nodev"} <= options] == []
+    finally:
+        for process in member.processes():
+            process.kill()
+        started.communicate()
