@@ -80,83 +80,18 @@ if [ "$profile" = slurm ]; then
     fi
 fi
 
-# builder.yaml's settings, one "key<TAB>value" line each, read with the environment's YAML reader
-builder_settings() {
-    .venv/bin/python - "$1" <<'EOF'
-import sys, yaml
-builder = (yaml.safe_load(open(sys.argv[1])) or {}).get("builder")
-if isinstance(builder, dict):
-    for key in ("kind", "url", "token_env", "ca_file", "host", "port", "user", "key_file", "known_hosts"):
-        value = builder.get(key)
-        print(f"{key}\t{'' if value is None else value}")
-EOF
-}
-
-setting() { printf '%s\n' "$settings" | awk -F '\t' -v k="$1" '$1 == k { print $2 }'; }
-expand() { case "$1" in "~") printf '%s' "$HOME" ;; "~/"*) printf '%s/%s' "$HOME" "${1#\~/}" ;; *) printf '%s' "$1" ;; esac; }
-
+# builder.yaml, read as the workflow reads it (validated, the schema's defaults filled in), and
+# what the remote profile needs of this account (repo2singularity/login_check.py)
 if [ "$profile" = remote ]; then
-    file=profiles/remote/builder.yaml
     if [ ! -x .venv/bin/python ]; then
-        missing "$file: not checked (no python environment)"
-    elif ! settings=$(builder_settings "$file" 2>&1); then
-        missing "$file: not valid YAML: $(printf '%s' "$settings" | tail -n 1)"
-    elif [ -z "$settings" ]; then
-        missing "$file: no builder: mapping"
-    elif [ "$(setting kind)" = http ]; then
-        # a build service (docs/http-builder.md): no SSH, a token in the environment
-        url=$(setting url)
-        token_env=$(setting token_env)
-        token_env=${token_env:-R2S_SERVICE_TOKEN}
-        ca_file=$(expand "$(setting ca_file)")
-        if [ -z "$url" ]; then
-            missing "$file: fill in url (the build service, e.g. https://builder.example:8443) under builder:"
-        else
-            say "ok: build service $url ($file)"
-        fi
-        if ! [[ $token_env =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]]; then
-            missing "$file: token_env is not a variable name: $token_env"
-        elif [ -n "${!token_env:-}" ]; then
-            say "ok: your token for the build service is in \$$token_env"
-        else
-            missing "your token for the build service: export $token_env=... (its administrator gives it to you)"
-        fi
-        if [ -n "$ca_file" ] && [ ! -r "$ca_file" ]; then
-            missing "$file: ca_file $ca_file is not readable"
-        fi
+        missing "profiles/remote/builder.yaml: not checked (no python environment)"
     else
-        host=$(setting host)
-        port=$(setting port)
-        port=${port:-22}
-        user=$(setting user)
-        user=${user:-$me}
-        key_file=$(expand "$(setting key_file)")
-        known_hosts=$(expand "$(setting known_hosts)")
-        known_hosts=${known_hosts:-$HOME/.ssh/known_hosts}
-        if [ -z "$host" ] || [ "$host" = builder.example.org ]; then
-            missing "$file: fill in host (and port, user): the lines \`bash setup.sh builder ACCOUNT\` printed on the builder"
-        else
-            say "ok: builder $user@$host:$port ($file)"
-            if [ "$port" = 22 ]; then entry=$host; else entry="[$host]:$port"; fi
-            if [ -r "$known_hosts" ] && ssh-keygen -F "$entry" -f "$known_hosts" >/dev/null 2>&1; then
-                say "ok: the builder's host key is in $known_hosts"
-            else
-                missing "the builder's host key: $entry is not in $known_hosts (append the line \`bash setup.sh builder\` printed, or run \`ssh -p $port $user@$host true\` once and compare the fingerprint it printed)"
-            fi
-        fi
-        if [ -n "$key_file" ]; then
-            if [ -r "$key_file" ]; then
-                say "ok: SSH key $key_file"
-            else
-                missing "an SSH key: $key_file (key_file in $file) does not exist: run \`ssh-keygen -t ed25519 -f $key_file\` and have $key_file.pub authorized on the builder (bash setup.sh builder ACCOUNT --authorize FILE)"
-            fi
-        elif [ -n "${SSH_AUTH_SOCK:-}" ] && ssh-add -l >/dev/null 2>&1; then
-            say "ok: SSH keys in the agent"
-        elif compgen -G "$HOME/.ssh/id_*" >/dev/null; then
-            say "ok: SSH key $(compgen -G "$HOME/.ssh/id_*" | grep -v '\.pub$' | head -n 1)"
-        else
-            missing "an SSH key: key_file is empty, no ssh-agent holds a key and there is no ~/.ssh/id_*: run \`ssh-keygen -t ed25519\`"
-        fi
+        while IFS= read -r line; do
+            case "$line" in
+                "MISSING: "*) missing "${line#MISSING: }" ;;
+                *) say "$line" ;;
+            esac
+        done < <(.venv/bin/python -m repo2singularity.login_check profiles/remote/builder.yaml 2>&1 || echo "MISSING: profiles/remote/builder.yaml: the check itself failed (above)")
     fi
 fi
 
