@@ -376,185 +376,36 @@ step_base_image() {
 # mounts there), shows the root file system as / with the folders of BOUND_FOLDERS and the
 # account files of this machine, and drops back to the caller, who then enters the working
 # folder: root never creates, mounts or enters anything that the caller named.
-# The start of both root-run stages: strict, a fixed PATH, one-line errors, root via sudo only.
-gen_root_preamble() {
-    cat <<'EOF'
-set -euo pipefail
-PATH=/usr/sbin:/usr/bin:/sbin:/bin
-export PATH
-die() { printf 'apptainer (repo2singularity entry): %s\n' "$*" >&2; exit 255; }
+# Their files are setup/templates/, each as it is installed but for the @NAME@ of a setting
+# (ROOTFS, ENTRY, ...): a reviewer reads there what root will run.
+TEMPLATES=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)/templates
 
-EOF
-    printf '[ "$(id -u)" = 0 ] || die "%s"\n' "$1"
-    cat <<'EOF'
-case "${SUDO_UID:-}:${SUDO_GID:-}" in
-    *[!0-9:]*|:*|*:) die "must be started through sudo (SUDO_UID/SUDO_GID missing)" ;;
-esac
-EOF
-}
-
-gen_entry_script() {
-    printf '#!/bin/bash\n'
-    printf '# Installed by repo2singularity setup/system.sh; runs as root through sudo, for the members\n'
-    printf '# of the group %s (see %s).\n' "$APPTAINER_GROUP" "$SUDOERS_FILE"
-    printf 'ROOTFS=%s\n' "$ROOTFS"
-    printf 'NAMESPACE_STAGE=%s\n' "$NAMESPACE_STAGE"
-    gen_root_preamble "must be started as root through sudo (use the apptainer wrapper)"
-    cat <<'EOF'
-[ -x "$ROOTFS/usr/bin/apptainer" ] || die "$ROOTFS has no apptainer; run setup/system.sh install as root"
-# the next stage runs only here, in a mount namespace of its own: no variable or argument of
-# the caller can make it skip the namespace
-exec unshare --mount --propagation private -- "$NAMESPACE_STAGE" "$@"
-EOF
-}
-
-gen_namespace_script() {
-    printf '#!/bin/bash\n'
-    printf '# Installed by repo2singularity setup/system.sh; run as root by %s in a new mount namespace.\n' "$ENTRY"
-    printf 'ROOTFS=%s\n' "$ROOTFS"
-    printf 'BOUND_FOLDERS=(%s)\n' "$BOUND_FOLDERS"
-    cat <<'EOF'
-# The sid root file system as /, with the folders of BOUND_FOLDERS and the account files of this
-# machine at the same paths; then setpriv back to SUDO_UID:SUDO_GID, and the caller enters its
-# working folder itself (root never enters a folder for the caller: its path could lead, by a
-# symbolic link swapped in meanwhile, below a folder that only root may enter). Every stage
-# execs, so the pid started by the caller ends up being apptainer itself (signals,
-# stdin/stdout/stderr and exit code pass through).
-EOF
-    gen_root_preamble "must be started by the entry script"
-    cat <<'EOF'
-[ "$(readlink /proc/self/ns/mnt)" != "$(readlink /proc/1/ns/mnt)" ] || die "not in a private mount namespace"
-cwd=$(pwd -P 2>/dev/null) || die "the current folder no longer exists"
-cd /
-
-mount --bind "$ROOTFS" "$ROOTFS"
-# no setuid program or file capability of the root file system works (newuidmap, su, passwd,
-# chsh, mount...: made for its own /etc, not this machine's): the caller gets no right here
-# that the account does not have on this machine
-mount -o remount,bind,nosuid,nodev "$ROOTFS"
-shown=()
-for d in "${BOUND_FOLDERS[@]}"; do
-    # the mount points are made by setup/system.sh install, never here
-    [ -d "$d" ] && [ -d "$ROOTFS$d" ] && [ ! -L "$ROOTFS$d" ] || continue
-    real=$(readlink -f "$d")
-    mount --rbind "$real" "$ROOTFS$d"
-    # a setuid program or device node in a bound folder (a member's own, or one it may only
-    # read) must give no one more than their own rights: nosuid,nodev on it and every mount below
-    while read -r target; do
-        target=$(printf '%b' "$target")
-        mount -o remount,bind,nosuid,nodev "$target" || die "cannot make $target nosuid,nodev"
-    done < <(findmnt -rn -o TARGET -R "$ROOTFS$d")
-    shown+=("$d")
-    [ "$real" = "$d" ] || shown+=("$real")
-done
-# the machine's own /proc, with its options (a fresh proc mount would drop hidepid, and let a
-# member see every account's processes), and its own /dev with the machine's device modes
-mount --rbind /proc "$ROOTFS/proc"
-mount --rbind /sys "$ROOTFS/sys"
-mount --rbind /dev "$ROOTFS/dev"
-for f in /etc/passwd /etc/group /etc/hosts /etc/resolv.conf /etc/subuid /etc/subgid; do
-    [ -f "$f" ] && [ -f "$ROOTFS$f" ] && [ ! -L "$ROOTFS$f" ] || continue
-    mount --bind "$f" "$ROOTFS$f"
-done
-
-cd "$ROOTFS"
-pivot_root . .oldroot
-cd /
-umount -l /.oldroot
-
-uid=$SUDO_UID gid=$SUDO_GID
-user=${SUDO_USER:-$(getent passwd "$uid" | cut -d: -f1)}
-export USER="$user" LOGNAME="$user"
-if [ -z "${HOME:-}" ] || { [ "$HOME" = /root ] && [ "$uid" != 0 ]; }; then
-    HOME=$(getent passwd "$uid" | cut -d: -f6)
-    export HOME
-fi
-unset SUDO_COMMAND SUDO_USER SUDO_UID SUDO_GID SUDO_PS1 MAIL
-# glibc drops TMPDIR for set-uid programs such as sudo; the wrapper hands it over as
-# R2S_CALLER_TMPDIR (used only after the drop to the caller)
-if [ -n "${R2S_CALLER_TMPDIR+x}" ]; then
-    export TMPDIR="$R2S_CALLER_TMPDIR"
-    unset R2S_CALLER_TMPDIR
-fi
-inside=0
-for d in "${shown[@]}" /proc /sys /dev; do
-    case "$cwd" in "$d"|"$d"/*) inside=1 ;; esac
-done
-[ "$cwd" != / ] || inside=1
-exec setpriv --reuid "$uid" --regid "$gid" --init-groups -- /bin/bash -c '
-    cwd=$1 inside=$2 shown=$3
-    shift 3
-    if ! cd -P -- "$cwd" 2>/dev/null; then
-        if [ "$inside" = 1 ]; then
-            printf "apptainer (repo2singularity entry): cannot enter %s\n" "$cwd" >&2
-        else
-            printf "apptainer (repo2singularity entry): %s is not visible to apptainer here; run it from a folder under %s\n" "$cwd" "$shown" >&2
+# render_template NAME: setup/templates/NAME with each @SETTING@ replaced by its value, and a
+# line @ROOT_PREAMBLE@ by the template root-preamble (the start of both root-run stages).
+render_template() {
+    local line
+    while IFS= read -r line || [ -n "$line" ]; do
+        if [ "$line" = "@ROOT_PREAMBLE@" ]; then
+            render_template root-preamble
+            continue
         fi
-        exit 255
-    fi
-    if [ "$inside" != 1 ]; then
-        printf "apptainer (repo2singularity entry): note: %s is a folder of the apptainer root file system; relative paths refer to that copy\n" "$cwd" >&2
-    fi
-    exec /usr/bin/apptainer "$@"
-' apptainer-entry "$cwd" "$inside" "${shown[*]}" "$@"
-EOF
+        line=${line//@ROOTFS@/"$ROOTFS"}
+        line=${line//@ENTRY@/"$ENTRY"}
+        line=${line//@NAMESPACE_STAGE@/"$NAMESPACE_STAGE"}
+        line=${line//@SUDOERS_FILE@/"$SUDOERS_FILE"}
+        line=${line//@APPTAINER_GROUP@/"$APPTAINER_GROUP"}
+        line=${line//@BOUND_FOLDERS@/"$BOUND_FOLDERS"}
+        printf '%s\n' "$line"
+    done <"$TEMPLATES/$1"
 }
 
-gen_sudoers() {
-    cat <<EOF
-# Installed by repo2singularity setup/system.sh: the members of the group $APPTAINER_GROUP may run
-# apptainer from the sid root file system $ROOTFS (Debian 12 has no apptainer
-# package) through the root-owned entry script $ENTRY. It makes a private mount namespace and
-# drops back to the caller before apptainer starts; see README.md (Apptainer on Debian 12).
-# !use_pty, !pam_session, !pam_setcred: sudo execs the script directly (no sudo process
-# stays in between, signals reach apptainer); umask=0777: keep the caller's umask.
-# glibc removes TMPDIR from the environment of set-uid sudo, so the wrapper also passes it
-# as R2S_CALLER_TMPDIR. SSL_CERT_FILE/SSL_CERT_DIR: a registry's CA that the caller trusts
-# (apptainer is a Go program and reads them, as it does when installed natively).
-Defaults!$ENTRY !use_pty, !pam_session, !pam_setcred, !lecture, umask=0777
-Defaults!$ENTRY env_keep += "APPTAINER_* APPTAINERENV_* SINGULARITY_* SINGULARITYENV_*"
-Defaults!$ENTRY env_keep += "TMPDIR HOME R2S_CALLER_TMPDIR SSL_CERT_FILE SSL_CERT_DIR"
-%$APPTAINER_GROUP ALL=(root) NOPASSWD: $ENTRY
-EOF
-}
-
-gen_wrapper() {
-    cat <<EOF
-#!/bin/sh
-# Installed by repo2singularity setup/system.sh: apptainer from $ROOTFS
-# (Debian 12 has no apptainer package; see $ENTRY), for the members of the group
-# $APPTAINER_GROUP.
-set -eu
-say() { printf 'apptainer (repo2singularity): %s\n' "\$*" >&2; }
-# root may run the entry anyway (sudo lets it); set-up checks the installation as root
-[ "\$(id -u)" = 0 ] || case " \$(id -nG) " in
-    *" $APPTAINER_GROUP "*) ;;
-    *)
-        if getent group $APPTAINER_GROUP | cut -d: -f4 | tr , '\n' | grep -qxF "\$(id -un)"; then
-            say "\$(id -un) is in the group $APPTAINER_GROUP, but this session began before: log in again (or: newgrp $APPTAINER_GROUP)"
-        else
-            say "only members of the group $APPTAINER_GROUP may run apptainer here (as root: usermod -aG $APPTAINER_GROUP \$(id -un))"
-        fi
-        exit 255
-        ;;
-esac
-/bin/pwd -P >/dev/null 2>&1 || { say "the current folder no longer exists"; exit 255; }
-# glibc removes TMPDIR from the environment of set-uid programs (sudo): hand it over by name
-if [ -n "\${TMPDIR+x}" ]; then
-    R2S_CALLER_TMPDIR=\$TMPDIR
-    export R2S_CALLER_TMPDIR
-fi
-exec sudo -n $ENTRY "\$@"
-EOF
-}
-
-# install_generated GENERATOR DEST MODE: write GENERATOR's output to DEST (root-owned,
+# install_template TEMPLATE DEST MODE: write the rendered template to DEST (root-owned,
 # atomically) unless DEST already has exactly that content; returns 1 when unchanged.
-install_generated() {
-    local gen=$1 dest=$2 mode=$3 tmp
+install_template() {
+    local template=$1 dest=$2 mode=$3 tmp
     mkdir -p "$(dirname "$dest")"
     tmp=$(mktemp "$(dirname "$dest")/.$(basename "$dest").XXXXXX")
-    "$gen" >"$tmp"
+    render_template "$template" >"$tmp"
     if [ -f "$dest" ] && cmp -s "$tmp" "$dest"; then
         rm -f "$tmp"
         return 1
@@ -625,10 +476,10 @@ install_rootfs_scripts() {
     ensure_apptainer_group
     extend_bound_folders
     prepare_rootfs
-    if install_generated gen_namespace_script "$NAMESPACE_STAGE" 0755; then changed+=("$NAMESPACE_STAGE"); fi
-    if install_generated gen_entry_script "$ENTRY" 0755; then changed+=("$ENTRY"); fi
-    if install_generated gen_sudoers "$SUDOERS_FILE" 0440; then changed+=("$SUDOERS_FILE"); fi
-    if install_generated gen_wrapper "$WRAPPER" 0755; then changed+=("$WRAPPER"); fi
+    if install_template apptainer-namespace "$NAMESPACE_STAGE" 0755; then changed+=("$NAMESPACE_STAGE"); fi
+    if install_template apptainer-entry "$ENTRY" 0755; then changed+=("$ENTRY"); fi
+    if install_template sudoers "$SUDOERS_FILE" 0440; then changed+=("$SUDOERS_FILE"); fi
+    if install_template apptainer-wrapper "$WRAPPER" 0755; then changed+=("$WRAPPER"); fi
     printf '%s' "${changed[*]}"
 }
 
