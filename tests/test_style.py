@@ -25,3 +25,11 @@ def test_snakemake_lint_has_only_the_host_tool_lint():
 def test_ruff_check():
     result = subprocess.run([BIN / "ruff", "check", "--no-cache", "."], capture_output=True, text=True, cwd=PROJECT)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_rule_scripts_take_their_settings_from_their_params():
+    """Issue 18: one route for settings into a job. A script that rebuilt settings from
+    snakemake.config would read what no param records, so a change of them would rerun
+    nothing (docs/development.md)."""
+    readers = [script.name for script in (PROJECT / "workflow" / "scripts").glob("*.py") if "snakemake.config" in script.read_text()]
+    assert readers == []
