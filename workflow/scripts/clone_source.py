@@ -4,6 +4,7 @@ from pathlib import Path
 
 from repo2singularity.repository import RepositoryError, clone_logged
 from repo2singularity.step import StepError, run_step
+from repo2singularity.steplog import step_log
 
 snakemake = globals()["snakemake"]  # put there by the rule's script: directive before this runs
 
@@ -12,8 +13,7 @@ def clone():
     if snakemake.params.fetched_by:
         # the builder (a build service) fetches the commit itself
         Path(snakemake.output.source).mkdir(parents=True, exist_ok=True)
-        with open(snakemake.log[0], "a") as log:
-            log.write(f"not cloned here: the {snakemake.params.fetched_by} builder fetches {snakemake.wildcards.sha} itself\n")
+        step_log(snakemake.log[0]).info(f"not cloned here: the {snakemake.params.fetched_by} builder fetches {snakemake.wildcards.sha} itself")
         return
     try:
         clone_logged(snakemake.params.repository, snakemake.wildcards.sha, snakemake.output.source, snakemake.log[0])

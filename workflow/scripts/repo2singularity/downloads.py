@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .files import HashingWriter, write_json_atomic
 from .step import StepError
+from .steplog import step_log
 from .tools import say
 
 # what every transfer here shares: the SSH transport's, the build service client's and the registry's
@@ -46,15 +47,15 @@ def progress_line(name, done, total, started_bytes, elapsed, width=24):
 
 class Download:
     """One file of `size` bytes and `sha256` to bring to `local_path`. `offset` is where the
-    sender is to start; `note` writes a line to the step's log."""
+    sender is to start; `log` is the step's log (steplog.step_log)."""
 
-    def __init__(self, local_path, size, sha256, note=None, record=None):
+    def __init__(self, local_path, size, sha256, log=None, record=None):
         self.path = Path(local_path)
         self.partial = self.path.with_name(f".{self.path.name}.partial")
         self.meta_path = self.partial.with_name(self.partial.name + ".json")
         self.size = size
         self.sha256 = sha256
-        self.note = note or (lambda text: None)
+        self.log = log or step_log(None)
         self.record = record or {}
         try:
             meta = json.loads(self.meta_path.read_text())
@@ -67,7 +68,7 @@ class Download:
 
     def say(self, line):
         say(line)
-        self.note(line)
+        self.log.info(line)
 
     def begin(self, origin):
         """Say where the file comes from, or where it resumes; record what the partial file is a

@@ -7,6 +7,7 @@ from pathlib import Path
 import requests
 
 from .files import now
+from .steplog import step_log
 
 OWNER_ONLY = 0o600
 POLL_SECONDS = 0.5
@@ -101,7 +102,6 @@ def status(url, token, timeout=2.0):
 
 
 def note(log, text):
-    """A line in the step's own log (never the token: it is in no command or message)."""
-    if log:
-        with open(log, "a") as handle:
-            handle.write(f"{now()} {text}\n")
+    """A line with its time in the launch step's log (never the token: it is in no command or
+    message): the launch's lines tell how long each wait took."""
+    step_log(log).info(f"{now()} {text}")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .input_limits import cut, shown
+from .steplog import step_log
 
 ALLOWED_SCHEMES = ("https", "http", "ssh", "git", "file")
 GIT_TIMEOUT_SECONDS = 120
@@ -386,11 +387,11 @@ def fetch_commit(repository, sha, partial):
 
 def clone_logged(repository, sha, destination, log):
     """clone_commit with what it did in the step's log; RepositoryError in one line."""
-    with open(log, "a") as handle:
-        print(f"cloning {repository.display_url} at {sha}", file=handle, flush=True)
-        try:
-            clone_commit(repository, sha, destination)
-        except RepositoryError as error:
-            print(error, file=handle)
-            raise
-        print(f"checked out into {destination}", file=handle)
+    log = step_log(log)
+    log.info(f"cloning {repository.display_url} at {sha}")
+    try:
+        clone_commit(repository, sha, destination)
+    except RepositoryError as error:
+        log.info(str(error))
+        raise
+    log.info(f"checked out into {destination}")

@@ -9,6 +9,7 @@ from pathlib import Path
 from . import launchers
 from .files import write_json_atomic
 from .jupyter import OWNER_ONLY, note, now
+from .steplog import step_log
 from .tools import say
 
 
@@ -145,11 +146,10 @@ def connection_message(connection_file):
 
 
 def report_stopped(results, names, log):
-    with open(log, "a") as stop_log:
-        for connection_file, was_running in stop_all(results, names):
-            state = "stopped" if was_running else "was no longer running"
-            for stream in (sys.stderr, stop_log):
-                print(f"{connection_file.parent}: Jupyter {state}", file=stream)
+    for connection_file, was_running in stop_all(results, names):
+        line = f"{connection_file.parent}: Jupyter {'stopped' if was_running else 'was no longer running'}"
+        say(line)
+        step_log(log).info(line)
 
 
 def report_servers(results, log):

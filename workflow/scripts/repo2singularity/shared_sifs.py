@@ -10,6 +10,7 @@ from .files import now, write_json_atomic
 from .image import check_receipt
 from .registry import RegistryClient, RegistryError, push_annotations
 from .step import StepError
+from .steplog import step_log
 from .tools import say
 
 # the pushed image's image.json, so that a pull can write it without Docker
@@ -59,8 +60,7 @@ def pull(settings, name, sha, sif, checksum, image_receipt, pulled_receipt, log)
             problem = receipt_problem(found)
             if problem:
                 raise StepError(f"oras://{reference}: {problem}; nothing pulled")
-            with open(log, "a") as handle:
-                handle.write(f"pulling oras://{found.reference} ({found.size} bytes, {found.sif_digest})\n")
+            step_log(log).info(f"pulling oras://{found.reference} ({found.size} bytes, {found.sif_digest})")
             client.pull(found, sif, checksum)
     except RegistryError as error:
         raise StepError(str(error)) from None
@@ -70,8 +70,7 @@ def pull(settings, name, sha, sif, checksum, image_receipt, pulled_receipt, log)
         pulled_receipt,
         {"reference": found.reference, "manifest_digest": found.manifest_digest, "sif_digest": found.sif_digest, "pulled": now()},
     )
-    with open(log, "a") as handle:
-        handle.write(f"pulled {sif}, sha256 verified\n")
+    step_log(log).info(f"pulled {sif}, sha256 verified")
     say(f"  pull_sif: {Path(sif).name} from oras://{found.reference}")
 
 
@@ -93,10 +92,8 @@ def push(settings, name, sha, sif, checksum, image_receipt, pushed_receipt, log,
         with RegistryClient(settings) as client:
             digest = client.push(sif, name, sha, annotations, sif_sha256=sif_sha256)
     except RegistryError as error:
-        with open(log, "a") as handle:
-            handle.write(f"{error}\n")
+        step_log(log).info(str(error))
         raise StepError(str(error)) from None
     write_json_atomic(pushed_receipt, {"reference": reference, "manifest_digest": digest, "sif_digest": f"sha256:{sif_sha256}", "pushed": now()})
-    with open(log, "a") as handle:
-        handle.write(f"pushed {sif} to oras://{reference} ({digest})\n")
+    step_log(log).info(f"pushed {sif} to oras://{reference} ({digest})")
     say(f"  push_sif: oras://{reference} ({digest[:19]}…)")

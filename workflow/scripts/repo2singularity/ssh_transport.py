@@ -22,6 +22,7 @@ from pathlib import Path
 # tests and bench name them from here
 from .downloads import CHUNK, CONNECT_TIMEOUT_SECONDS, RATE_LIMIT_VARIABLE, Download, progress_line, resume_offset  # noqa: F401
 from .step import StepError
+from .steplog import AppendingFileHandler, step_log
 from .tools import report_progress, say, tail
 
 # a connection whose network dies without a word (no FIN, no RST) would keep a step waiting for
@@ -170,7 +171,7 @@ def quiet_paramiko(log_path):
     logger.propagate = False
     logger.handlers.clear()
     if log_path:
-        handler = logging.FileHandler(log_path)
+        handler = AppendingFileHandler(log_path)
         handler.setFormatter(logging.Formatter("paramiko: %(message)s"))
         handler.setLevel(logging.WARNING)
         logger.addHandler(handler)
@@ -230,6 +231,7 @@ class SSHTransport:
     def __init__(self, target, log_path=None):
         self.target = target
         self.log_path = log_path
+        self.step_log = step_log(log_path)
         self.client = None
         self.silent = False
         self.closing = threading.Event()
@@ -241,11 +243,6 @@ class SSHTransport:
 
     def __exit__(self, *exc):
         self.close()
-
-    def log(self, text):
-        if self.log_path:
-            with open(self.log_path, "a") as handle:
-                handle.write(text.rstrip("\n") + "\n")
 
     def connect(self):
         import paramiko
@@ -274,7 +271,7 @@ class SSHTransport:
             client.close()
             raise StepError(describe_connect_error(target, error)) from None
         self.client = client
-        self.log(f"connected to {target.named} ({client.get_transport().remote_cipher})")
+        self.step_log.info(f"connected to {target.named} ({client.get_transport().remote_cipher})")
         threading.Thread(target=self.watch, args=(client.get_transport(),), daemon=True).start()
         return self
 
@@ -290,7 +287,7 @@ class SSHTransport:
         while not self.closing.wait(QUIET_SECONDS) and transport.is_active():
             if not self.answers(transport, REPLY_SECONDS) and not self.closing.is_set():
                 self.silent = True
-                self.log(f"{self.target.named} has not answered a keepalive for {REPLY_SECONDS} s: closing the connection")
+                self.step_log.info(f"{self.target.named} has not answered a keepalive for {REPLY_SECONDS} s: closing the connection")
                 transport.close()
                 return
 
@@ -477,7 +474,7 @@ class SSHTransport:
         size = self.stat(remote_path) if size is None else size
         if size is None:
             raise StepError(f"{self.target.role} {self.target.host} has no {remote_path}")
-        download = Download(local_path, size, remote_sha256, self.log, {"remote": remote_path, "host": self.target.host})
+        download = Download(local_path, size, remote_sha256, self.step_log, {"remote": remote_path, "host": self.target.host})
         offset = download.begin(self.target.host)
         with self.guard(f"downloading {remote_path}"):
             # a plain stream on an exec channel, not SFTP: SFTP's request per 32 KB costs paramiko

@@ -6,6 +6,8 @@ subclassing Builder, and its settings have their entry in workflow/schemas/confi
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
+from ..steplog import step_log
+
 
 class InvalidBuilder(Exception):
     """A builder setting that cannot work, told in one line."""
@@ -38,6 +40,7 @@ class Builder(ABC):
         """`config`: the workflow's validated configuration; `log`: the step's log file."""
         self.config = config
         self.log = log
+        self.step_log = step_log(log)
 
     @abstractmethod
     def build_image(self, spec, source, receipt):

@@ -18,6 +18,7 @@ from ..downloads import CHUNK, Download
 from ..files import checksum_line, write_json_atomic, write_text_atomic
 from ..input_limits import cut, shown
 from ..step import StepError
+from ..steplog import step_log
 from ..tools import report_progress, say
 from .base import Builder, InvalidBuilder
 
@@ -191,7 +192,7 @@ class ServiceClient:
         import requests
 
         self.settings = settings
-        self.log_path = log_path
+        self.step_log = step_log(log_path)
         environ = os.environ if environ is None else environ
         token = token_of(settings.token_env, environ)
         if not token:
@@ -222,11 +223,6 @@ class ServiceClient:
 
     def url(self, path):
         return f"{self.settings.base_url}{path}"
-
-    def log(self, text):
-        if self.log_path:
-            with open(self.log_path, "a") as log:
-                log.write(text + "\n")
 
     def request(self, method, path, doing, expect=(200,), stream=False, **kwargs):
         import requests
@@ -293,7 +289,7 @@ class ServiceClient:
                 if response:
                     response.close()
             attempts += 1
-            self.log(f"{reason}; asking again ({attempts} of {RECONNECTS})")
+            self.step_log.info(f"{reason}; asking again ({attempts} of {RECONNECTS})")
             if attempts > RECONNECTS:
                 raise StepError(f"{reason} (build {build_id}); run again: the build goes on there, and a rerun follows it")
             time.sleep(RECONNECT_SECONDS * attempts)
@@ -306,7 +302,7 @@ class ServiceClient:
         service's X-Sif-Sha256 and the build's record."""
         import requests
 
-        download = Download(local_path, expected_size, expected_sha256, self.log, {"build": self.url(f"/api/builds/{build_id}")})
+        download = Download(local_path, expected_size, expected_sha256, self.step_log, {"build": self.url(f"/api/builds/{build_id}")})
         offset = download.begin(self.settings.host)
         doing = f"downloading the SIF of build {build_id}"
         headers = {"Range": f"bytes={offset}-"} if offset else {}
@@ -359,11 +355,6 @@ class HTTPBuilder(Builder):
     def client(self):
         return contextlib.closing(ServiceClient(self.settings, self.log))
 
-    def note(self, text):
-        if self.log:
-            with open(self.log, "a") as log:
-                log.write(text + "\n")
-
     def request_body(self, spec):
         """What the service is asked to build: the repository (with its credentials, which only
         the service sees, over TLS), the commit resolved here, and the name."""
@@ -396,7 +387,7 @@ class HTTPBuilder(Builder):
             if build.get("sha") and build["sha"] != spec.sha:
                 raise StepError(f"the build service resolved {spec.sha[:12]} to another commit, {shown(str(build['sha']), 50)}")
             where = f" on {self.settings.host}"
-            self.note(f"build {build_id} of {spec.repository.display_url} at {spec.sha} on {self.settings.base_url}: {phase_line(build)}")
+            self.step_log.info(f"build {build_id} of {spec.repository.display_url} at {spec.sha} on {self.settings.base_url}: {phase_line(build)}")
             say(f"  {step}{where}: build {build_id}, {phase_line(build)}")
             finished = report_progress(f"{step} (service)", self.log, where=where)
             started = time.monotonic()
@@ -405,7 +396,7 @@ class HTTPBuilder(Builder):
             def show(event):
                 message = str(event.get("message") or "")
                 if message:
-                    self.note(message)
+                    self.step_log.info(message)
                 line = phase_line(event)
                 if event.get("phase") != said["phase"] or (event.get("phase") == "waiting" and line != said.get("line")):
                     say(f"  {step}{where}: {line}")
@@ -483,5 +474,5 @@ class HTTPBuilder(Builder):
         with self.client() as service:
             me = service.json("GET", "/api/users/me", "checking the token")
         line = f"build service {self.settings.base_url} answers; signed in as {shown(str(me.get('name') or '?'), 60)}"
-        self.note(line)
+        self.step_log.info(line)
         return line

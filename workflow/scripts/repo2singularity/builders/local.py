@@ -114,7 +114,7 @@ class LocalBuilder(Builder):
             os.replace(partial, saved)
         finally:
             partial.unlink(missing_ok=True)
-        self.note(f"saved {image['tag']} to {saved}: {written} bytes, sha256 {digest.hexdigest()}")
+        self.step_log.info(f"saved {image['tag']} to {saved}: {written} bytes, sha256 {digest.hexdigest()}")
         say(f"  {step}: done in {time.monotonic() - started:.0f} s ({written / 1e6:.0f} MB)")
 
     def image_to_save(self, receipt, saved, step):
@@ -124,7 +124,7 @@ class LocalBuilder(Builder):
         details = self.inspect(image["tag"], step)
         if details is None or details["Id"] != image["image_id"]:
             raise StepError(image_missing(image, receipt, self.engine_name))
-        self.note(f"saving {image['tag']} ({image['image_id'][:19]}) to {saved}")
+        self.step_log.info(f"saving {image['tag']} ({image['image_id'][:19]}) to {saved}")
         return image, details
 
     def build_sif(self, name, sha, saved, sif, checksum):
@@ -145,10 +145,6 @@ class LocalBuilder(Builder):
             partial.unlink(missing_ok=True)
         # the checksum comes last: it marks a finished SIF
         write_text_atomic(checksum, checksum_line(digest, sif))
-
-    def note(self, text):
-        with open(self.log, "a") as log:
-            log.write(text + "\n")
 
     def readiness(self):
         return "builder: local (this machine); `bash setup.sh check` says what it lacks"

@@ -228,7 +228,7 @@ class PodmanBuilder(LocalBuilder):
             os.replace(partial, saved)
         finally:
             partial.unlink(missing_ok=True)
-        self.note(f"saved {image['tag']} to {saved}: {written} bytes, sha256 {digest}")
+        self.step_log.info(f"saved {image['tag']} to {saved}: {written} bytes, sha256 {digest}")
 
     def readiness(self):
         problems = rootless_problems()

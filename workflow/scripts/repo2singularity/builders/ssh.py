@@ -397,7 +397,7 @@ class BuilderSession:
             self.workdir = expand_home(self.workdir, home)
         problems = preflight_problems(self.settings, self.workdir, checks, self.needs)
         if problems:
-            self.transport.log("\n".join(problems))
+            self.transport.step_log.info("\n".join(problems))
             raise StepError("\n".join(problems))
         # mksquashfs says its version first, then its licence
         versions = {
@@ -408,7 +408,7 @@ class BuilderSession:
         versions["free_gb"] = round(parse_df(checks["space"][1]) / 1e6, 1)
         if "runtime_build_help" in checks:
             versions["mksquashfs_args"] = "--mksquashfs-args" in checks["runtime_build_help"][1]
-        self.transport.log("builder preflight: " + json.dumps(versions, sort_keys=True))
+        self.transport.step_log.info("builder preflight: " + json.dumps(versions, sort_keys=True))
         return versions
 
     def run(self, command):
@@ -463,7 +463,7 @@ class SSHBuilder(Builder):
         spec = dataclasses.replace(spec, tag=scoped_tag(self.settings.scope, spec.tag))
         with self.session("build_image") as builder:
             paths = builder.paths(spec.name, spec.sha)
-            builder.transport.log(f"sending {source} to {paths['source']}")
+            builder.transport.step_log.info(f"sending {source} to {paths['source']}")
             builder.transport.send_folder(source, paths["source"])
             command = remote_command(repo2docker_command(self.settings.repo2docker, paths["source"], spec))
             builder.docker_step(with_build_slot(command, paths["build_slots"], self.settings.max_builds), "build_image (repo2docker)")
@@ -487,13 +487,13 @@ class SSHBuilder(Builder):
         folders = {old_tag: builder.paths(name, old_tag.rsplit(":", 1)[1])["folder"] for old_tag in old}
         under_way = builder.transport.existing(folders.values()) if folders else set()
         if under_way:
-            builder.transport.log(f"kept on the builder, still being made into SIFs: {' '.join(t for t, f in folders.items() if f in under_way)}")
+            builder.transport.step_log.info(f"kept on the builder, still being made into SIFs: {' '.join(t for t, f in folders.items() if f in under_way)}")
         old = [old_tag for old_tag in old if folders[old_tag] not in under_way]
         if old:
             status, out, err = builder.run(["docker", "image", "rm", "--", *old])
-            builder.transport.log(f"removed older images of {repository} on the builder (keep_images: {keep}): {' '.join(old)}")
+            builder.transport.step_log.info(f"removed older images of {repository} on the builder (keep_images: {keep}): {' '.join(old)}")
             if status != 0:
-                builder.transport.log(f"  some stay: {last_line(err or out)}")
+                builder.transport.step_log.info(f"  some stay: {last_line(err or out)}")
 
     def save_image(self, name, sha, receipt, saved):
         """docker save on the builder, hashed as it is written; the tarball stays there and a
@@ -594,5 +594,5 @@ class SSHBuilder(Builder):
     def readiness(self):
         with self.session("check_builder") as builder:
             line = readiness_line(self.settings, builder.workdir, builder.versions)
-            builder.transport.log(line)
+            builder.transport.step_log.info(line)
         return line
