@@ -6,6 +6,7 @@ build-service` on a host of its own, across hosts: tests/hosts/test_5_service.py
 import concurrent.futures
 import hashlib
 import json
+import subprocess
 
 import pytest
 import requests
@@ -465,3 +466,48 @@ def test_the_web_page_shows_the_live_log_and_the_download_in_chromium(start, rep
         browser.wait_for("document.getElementById('status').textContent.includes('runs commands')", 20, "no refusal shown")
     finally:
         browser.close()
+
+
+def self_signed_certificate(folder):
+    """A certificate as `setup.sh build-service` makes one when given none: self-signed, for localhost."""
+    folder.mkdir(parents=True, exist_ok=True)
+    certificate, key = folder / "service.crt", folder / "service.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", key, "-out", certificate],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    printed = subprocess.run(["openssl", "x509", "-noout", "-fingerprint", "-sha256", "-in", certificate], check=True, capture_output=True, text=True)
+    return certificate, key, printed.stdout.strip().split("=", 1)[1]
+
+
+def test_a_self_signed_certificate_is_named_in_the_pages_commands(tmp_path):
+    """Found in tests/hosts: with set-up's self-signed certificate, the page's commands failed on
+    the login node (TLS certificate not accepted) for want of --ca-file; now they name the copy
+    users get from the administrator, and the page shows the fingerprint to check it by."""
+    from repo2singularity.service.web import self_signed_fingerprint
+
+    from .registry_server import CertificateAuthority
+
+    certificate, key, fingerprint = self_signed_certificate(tmp_path / "tls")
+    assert self_signed_fingerprint(str(certificate)) == fingerprint
+    assert self_signed_fingerprint(str(CertificateAuthority(tmp_path / "ca").certificate_file)) == ""
+    assert self_signed_fingerprint("") == ""
+    work = tmp_path / "service"
+    server = ThreadServer(settings(work, tls_cert=str(certificate), tls_key=str(key)), FakeRunner())
+    try:
+        token = add_user(work, "alice")
+        session = requests.Session()
+        session.verify = str(certificate)
+        session.get(server.url + "/", timeout=10)
+        page = session.post(server.url + "/sign-in", data={"token": token, "_xsrf": session.cookies["_xsrf"], "next": "/"}, timeout=10).text
+        assert f'<code id="certificate-fingerprint">{fingerprint}</code>' in page
+        assert 'const CA_FILE = true ? "service.crt" : "";' in page
+    finally:
+        server.stop()
+
+
+def test_a_plain_or_ca_issued_service_names_no_certificate(start):
+    server, _ = start()
+    page = sign_in(server, "alice").get(server.url + "/", timeout=10).text
+    assert 'id="certificate-note"' not in page and 'const CA_FILE = false ? "service.crt" : "";' in page

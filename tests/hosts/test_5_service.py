@@ -22,9 +22,12 @@ import base64
 import contextlib
 import hashlib
 import json
+import os
 import re
 import secrets
+import shlex
 import shutil
+import signal
 import ssl
 import subprocess
 import tempfile
@@ -519,8 +522,75 @@ def test_chromium_on_the_laptop_watches_the_log_arrive_and_downloads_the_sif(lab
         fetched = browser.evaluate("fetch(document.getElementById('download').href).then(r => r.status + ' ' + r.headers.get('X-Sif-Sha256'))")
         build = api(lab, lab.login_account, service, f"/api/builds/{build_id}")
         assert fetched == f"200 {build['sif_sha256']}"
+        command = browser.evaluate("document.getElementById('launch-command').textContent")
+        # the certificate is set-up's self-signed one: the page names it, with the printed fingerprint
+        assert browser.evaluate("document.getElementById('certificate-fingerprint').textContent") == service.fingerprint
+        assert " --ca-file service.crt " in command, command
     finally:
         browser.close()
+    # the page's command, as the login account in its home (where it keeps the service's
+    # certificate) with its token: without --run --slurm (this image has no Jupyter) it fetches
+    # the SIF the service built (without --ca-file, which the page once left out, it stopped on
+    # the self-signed certificate)
+    words = shlex.split(command)
+    assert words[:2] == ["repo2singularity", "--remote"] and words[-3:-1] == ["--run", "--slurm"], command
+    home = lab.login_account.home
+    shutil.rmtree(home / "results", ignore_errors=True)
+    try:
+        fetched = lab.login.run([lab.checkout / ".venv" / "bin" / words[0], *words[1:-3], words[-1]], user=lab.login_account, cwd=home,
+                                env={"R2S_SERVICE_TOKEN": service.tokens[lab.login_account.name]}, check=False, timeout=600)
+        assert fetched.returncode == 0, f"{command}\n{fetched.stdout[-2000:]}\n{fetched.stderr[-3000:]}"
+        sif = next((home / "results").glob("*/*/*.sif"))
+        assert run(["sha256sum", sif]).stdout.split()[0] == build["sif_sha256"]
+    finally:
+        shutil.rmtree(home / "results", ignore_errors=True)
+        shutil.rmtree(home / ".snakemake", ignore_errors=True)
+
+
+RESTART_DOCKERFILE = "FROM debian:bookworm\nRUN echo {word} && sleep 8\n"
+
+
+def service_processes(lab):
+    """{pid: command line} of the builder host's processes of the service's account."""
+    account = Account("r2s-service").uid
+    found = {}
+    for pid in lab.builder.pids():
+        try:
+            if Path(f"/proc/{pid}").stat().st_uid == account:
+                found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").replace("\0", " ")
+        except OSError:
+            continue
+    return found
+
+
+def test_a_killed_service_is_restarted_and_fails_the_build_it_had_running(lab, service):
+    """No systemd here: set-up's supervisor restarts the service killed outright; the build it ran
+    is failed from its record, its workflow ended, and asking again builds anew."""
+    other = lab.other_account
+    work = STATE / "repos" / "restart"
+    make_repo(work, {"Dockerfile": RESTART_DOCKERFILE.format(word=secrets.token_hex(6))})
+    body = {"url": lab.git.publish("restart", work), "ref": "main"}
+    build = api(lab, other, service, "/api/builds", body)
+    wait_for(lambda: api(lab, other, service, f"/api/builds/{build['id']}")["phase"] == "building", 120, "the build never reached building",
+             interval=0.5)
+    before = service_processes(lab)
+    servers = [pid for pid, command in before.items() if "repo2singularity.service" in command and command.rstrip().endswith(" serve")]
+    workflow = [pid for pid, command in before.items() if "snakemake" in command and build["id"] in command]
+    assert len(servers) == 1 and workflow, before
+    os.kill(servers[0], signal.SIGKILL)
+    # the supervisor starts it again (after 2 s) on the same port
+    wait_for(lambda: curl(lab, other, "/api/users/me", service.tokens[other.name], timeout=5)[0] == 200 if lab.builder.connects(
+        ADDRESSES["builder"], SERVICE_PORT) else False, 60, "the service did not come back")
+    failed = api(lab, other, service, f"/api/builds/{build['id']}")
+    assert failed["phase"] == "failed" and "restarted" in failed["error"], failed
+    events = api(lab, other, service, f"/api/builds/{build['id']}/events")
+    assert '"failed"' in events.strip().splitlines()[-1], events[-1000:]
+    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workflow), 30, f"the build's workflow outlived the service: {workflow}")
+    assert "supervisor: the service ended" in (SESSION_FILE_SYSTEM / "service.log").read_text()
+    again = api(lab, other, service, "/api/builds", body)
+    assert again["id"] != build["id"], again
+    events = api(lab, other, service, f"/api/builds/{again['id']}/events", timeout=600)
+    assert '"built"' in events.strip().splitlines()[-1], events[-2000:]
 
 
 def fingerprint_of(lab, path):

@@ -137,7 +137,7 @@ def describe_connection_error(settings, error):
     if isinstance(error, requests.exceptions.SSLError):
         for inner in iter_causes(error):
             if getattr(inner, "verify_message", None):
-                return f"{where}: TLS certificate not accepted: {inner.verify_message} (set builder.ca_file to its CA)"
+                return f"{where}: TLS certificate not accepted: {inner.verify_message} (set builder.ca_file, or --ca-file of repo2singularity, to its certificate or CA)"
         if "WRONG_VERSION_NUMBER" in str(error) or "record layer failure" in str(error):
             return f"{where}: TLS handshake failed: it does not speak HTTPS (an http:// URL?)"
         return f"{where}: TLS handshake failed"

@@ -2,7 +2,9 @@
 the build's phases and live log (EventSource on the API's event stream), the SIF's download
 link and the command that launches it on the cluster; launch URLs and a badge."""
 
+import functools
 import urllib.parse
+from pathlib import Path
 
 import tornado.web
 
@@ -18,6 +20,22 @@ BADGE = """<svg xmlns="http://www.w3.org/2000/svg" width="150" height="20" role=
 <g fill="#fff" text-anchor="middle" font-family="Verdana,DejaVu Sans,sans-serif" font-size="11">
 <text x="23" y="14">build</text><text x="97" y="14">repo2singularity</text></g></svg>
 """
+
+
+@functools.cache
+def self_signed_fingerprint(certificate_file):
+    """The SHA-256 fingerprint (AA:BB:...) of the service's certificate when it is self-signed, as
+    `setup.sh build-service` makes it: users then need that file to trust the service (and the
+    page's commands name it); "" for a certificate a CA issued, or none."""
+    if not certificate_file:
+        return ""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    certificate = x509.load_pem_x509_certificate(Path(certificate_file).read_bytes())
+    if certificate.issuer != certificate.subject:
+        return ""
+    return ":".join(f"{byte:02X}" for byte in certificate.fingerprint(hashes.SHA256()))
 
 
 class WebHandler(BaseHandler):
@@ -45,6 +63,7 @@ class WebHandler(BaseHandler):
             message=message,
             phases=PHASES,
             base_url=self.base_url(),
+            self_signed=self_signed_fingerprint(self.service.settings["tls_cert"]),
         )
 
 
