@@ -251,6 +251,30 @@ def test_preflight_problems_are_one_line_each():
     assert "--version" in ssh_builder.preflight_script(settings, "/w") and "--version" not in ssh_builder.preflight_script(settings, "/w", ("runtime",))
 
 
+def test_a_later_step_trusts_only_a_fresh_preflight_of_the_same_settings_that_checked_what_it_needs(tmp_path):
+    settings = ssh_settings({"host": "b", "workdir": "~/w"})
+    receipt = tmp_path / ssh_builder.PREFLIGHT_RECEIPT
+    session = ssh_builder.BuilderSession(settings, None, ssh_builder.STEP_TOOLS["build_image"])
+    session.workdir, session.versions = "/home/u/w", {"docker": "29.0", "mksquashfs_args": True}
+    session.record_preflight(receipt)
+    assert not receipt.exists(), "only a session that ran its own preflight records one"
+    session.checked_at = 1000.0
+    session.record_preflight(receipt)
+    needs = ssh_builder.STEP_TOOLS["build_sif"]
+    assert ssh_builder.trusted_preflight(receipt, settings, needs, now=1010.0) == ("/home/u/w", session.versions, 10.0)
+    stale = 1000.0 + ssh_builder.PREFLIGHT_TRUST_SECONDS + 1
+    assert ssh_builder.trusted_preflight(receipt, settings, needs, now=stale) is None
+    assert ssh_builder.trusted_preflight(receipt, settings, needs, now=999.0) is None, "a receipt from the future"
+    other = ssh_settings({"host": "b", "workdir": "~/w", "runtime": "singularity"})
+    assert ssh_builder.trusted_preflight(receipt, other, needs, now=1010.0) is None
+    session.needs = ("docker",)
+    session.record_preflight(receipt)
+    assert ssh_builder.trusted_preflight(receipt, settings, needs, now=1010.0) is None, "it did not check the runtime"
+    receipt.write_text("{")
+    assert ssh_builder.trusted_preflight(receipt, settings, needs, now=1010.0) is None
+    assert ssh_builder.trusted_preflight(tmp_path / "none.json", settings, needs) is None
+
+
 # ------------------------------------------------------------------ an sshd of the test's own
 
 

@@ -11,6 +11,7 @@ import json
 import posixpath
 import re
 import shlex
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,12 @@ STEP_TOOLS = {"build_image": TOOLS, "save_image": ("docker",), "build_sif": ("ru
 # only the fast conversion needs these on the builder
 FAST_CONVERSION_TOOLS = ("python", "mksquashfs")
 PYTHON_MINIMUM = (3, 11)
+# build_image checks every tool and leaves what it found in the results folder; save_image and
+# build_sif of the same run trust it for this long instead of asking again (a preflight costs
+# about a second, mostly repo2docker's and the runtime's start). A step that starts later, or
+# finds no such receipt, or one from other settings, checks for itself
+PREFLIGHT_RECEIPT = "builder-preflight.json"
+PREFLIGHT_TRUST_SECONDS = 600
 
 
 @dataclass(frozen=True)
@@ -351,6 +358,38 @@ def preflight_script(settings, workdir, needs=TOOLS):
     )
 
 
+def preflight_identity(settings):
+    """What a preflight's answers hold for: the same builder account, work folder and tools."""
+    return {
+        **settings.target.describe(),
+        "workdir": settings.workdir,
+        "scope": settings.scope,
+        "runtime": settings.runtime,
+        "python": settings.python,
+        "repo2docker": settings.repo2docker,
+        "min_free_gb": settings.min_free_gb,
+    }
+
+
+def trusted_preflight(path, settings, needs, now=None):
+    """(work folder, versions, age in seconds) of the preflight receipt at `path` when it checked
+    at least `needs` with these settings, at most PREFLIGHT_TRUST_SECONDS ago; else None."""
+    try:
+        found = json.loads(Path(path).read_text())
+        age = (time.time() if now is None else now) - float(found["checked_at"])
+        if (
+            found["identity"] == json.loads(json.dumps(preflight_identity(settings)))
+            and set(needs) <= set(found["needs"])
+            and 0 <= age <= PREFLIGHT_TRUST_SECONDS
+            and isinstance(found["versions"], dict)
+            and str(found["workdir"]).startswith("/")
+        ):
+            return found["workdir"], found["versions"], age
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
 def readiness_line(settings, workdir, versions):
     """What `check_builder` prints when the builder is ready."""
     tools = ", ".join(f"{name} {versions[name]}" for name in TOOLS if name in versions)
@@ -364,17 +403,26 @@ class BuilderSession:
     """One connection to the builder, checked for the tools a step needs: the transport, the
     work folder there, and the versions the preflight found."""
 
-    def __init__(self, settings, log, needs):
+    def __init__(self, settings, log, needs, trust=None):
         self.settings = settings
         self.needs = needs
         self.transport = SSHTransport(settings.target, log)
         self.workdir = settings.workdir
         self.versions = {}
+        # a preflight receipt of an earlier step of this run (trusted_preflight), if any
+        self.trust = trust
+        self.checked_at = None
 
     def __enter__(self):
         self.transport.connect()
         try:
-            self.versions = self.preflight()
+            trusted = trusted_preflight(self.trust, self.settings, self.needs) if self.trust else None
+            if trusted:
+                self.workdir, self.versions, age = trusted
+                self.transport.step_log.info(f"builder preflight of {age:.0f} s ago trusted ({self.trust}): " + json.dumps(self.versions, sort_keys=True))
+            else:
+                self.checked_at = time.time()
+                self.versions = self.preflight()
         except BaseException:
             self.transport.close()
             raise
@@ -382,6 +430,21 @@ class BuilderSession:
 
     def __exit__(self, *exc):
         self.transport.close()
+
+    def record_preflight(self, path):
+        """What this session's own preflight found, for the later steps of the run
+        (trusted_preflight); a trusted receipt is never passed on, so its age stays bounded."""
+        if self.checked_at is not None:
+            write_json_atomic(
+                path,
+                {
+                    "checked_at": self.checked_at,
+                    "identity": preflight_identity(self.settings),
+                    "needs": sorted(self.needs),
+                    "workdir": self.workdir,
+                    "versions": self.versions,
+                },
+            )
 
     def paths(self, name, sha):
         return remote_paths(self.workdir, self.settings.scope, name, sha)
@@ -451,11 +514,11 @@ class SSHBuilder(Builder):
         self.compression_setting = config["sif_compression"]
         self.conversion = config["sif_conversion"]
 
-    def session(self, step):
+    def session(self, step, trust=None):
         needs = STEP_TOOLS.get(step, TOOLS)
         if self.conversion != "fast":
             needs = tuple(tool for tool in needs if tool not in FAST_CONVERSION_TOOLS)
-        return BuilderSession(self.settings, self.log, needs)
+        return BuilderSession(self.settings, self.log, needs, trust)
 
     def build_image(self, spec, source, receipt):
         """Send the clone to the builder, run repo2docker there with the same arguments as a
@@ -475,6 +538,7 @@ class SSHBuilder(Builder):
             self.remove_old_images(builder, spec.name, spec.tag)
             found = image_receipt(details, spec.tag, spec.user_name, builder.versions["repo2docker"])
             write_json_atomic(receipt, {**found, "builder": self.settings.target.describe()})
+            builder.record_preflight(Path(receipt).with_name(PREFLIGHT_RECEIPT))
 
     def remove_old_images(self, builder, name, tag):
         """The builder keeps the newest `keep_images` images of this name. An image whose chain
@@ -499,7 +563,7 @@ class SSHBuilder(Builder):
         """docker save on the builder, hashed as it is written; the tarball stays there and a
         receipt names it here."""
         image = json.loads(Path(receipt).read_text())
-        with self.session("save_image") as builder:
+        with self.session("save_image", trust=Path(receipt).with_name(PREFLIGHT_RECEIPT)) as builder:
             details = builder.inspect(image["tag"])
             check_image_receipt(image, details and details["Id"], self.settings.target.host, receipt)
             paths = builder.paths(name, sha)
@@ -530,7 +594,8 @@ class SSHBuilder(Builder):
         """The runtime's build on the builder (the SIF is kept there until it is here, so a cut
         download resumes without building again), then the SIF brought back, verified."""
         tarball = json.loads(Path(saved).read_text())
-        with self.session("build_sif") as builder:
+        preflight_receipt = Path(saved).with_name(PREFLIGHT_RECEIPT)
+        with self.session("build_sif", trust=preflight_receipt) as builder:
             paths = builder.paths(name, sha)
             # each round trip costs a few tens of ms: the small questions go together
             content, digest = conversion_script()
@@ -553,6 +618,8 @@ class SSHBuilder(Builder):
             )
             # here and verified: nothing of this build is needed on the builder any more
             builder.run(["rm", "-rf", "--", paths["folder"]])
+        # the chain's last step on the builder: no later step needs the preflight's answers
+        preflight_receipt.unlink(missing_ok=True)
 
     def make_sif(self, builder, paths, tarball, saved, size, script, script_there):
         check_tarball_receipt(tarball, None if size is None else {"size": size}, saved)
