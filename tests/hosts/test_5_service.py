@@ -578,9 +578,17 @@ def test_a_killed_service_is_restarted_and_fails_the_build_it_had_running(lab, s
     workflow = [pid for pid, command in before.items() if "snakemake" in command and build["id"] in command]
     assert len(servers) == 1 and workflow, before
     os.kill(servers[0], signal.SIGKILL)
-    # the supervisor starts it again (after 2 s) on the same port
-    wait_for(lambda: curl(lab, other, "/api/users/me", service.tokens[other.name], timeout=5)[0] == 200 if lab.builder.connects(
-        ADDRESSES["builder"], SERVICE_PORT) else False, 60, "the service did not come back")
+
+    def answers_again():
+        """A new service process (the supervisor starts one after 2 s) answers on the same port."""
+        if not [pid for pid, command in service_processes(lab).items() if command.rstrip().endswith(" serve") and pid != servers[0]]:
+            return False
+        try:
+            return curl(lab, other, "/api/users/me", service.tokens[other.name], timeout=5)[0] == 200
+        except AssertionError:  # not listening yet
+            return False
+
+    wait_for(answers_again, 60, "the service did not come back")
     failed = api(lab, other, service, f"/api/builds/{build['id']}")
     assert failed["phase"] == "failed" and "restarted" in failed["error"], failed
     events = api(lab, other, service, f"/api/builds/{build['id']}/events")
