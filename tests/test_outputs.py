@@ -69,7 +69,7 @@ def test_an_unpack_that_fails_keeps_the_sandbox_there_was(tmp_path, monkeypatch)
 
     monkeypatch.setattr(runtime, "run_logged", failing)
     with pytest.raises(Killed):
-        runtime.unpack_sandbox("apptainer", sif, checksum, target, tmp_path / "log")
+        runtime.unpack_sandbox("apptainer", sif, checksum, target, tmp_path / "log", {"working_folder": "/w", "home": "/w"}, tmp_path / "work")
     assert (target / "marker").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sandbox", "x.sif", "x.sif.sha256"]
 

@@ -10,7 +10,15 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 
 try:
-    from repo2singularity import PROGRAM, builders, builds, registry, results, servers
+    from repo2singularity import (
+        PROGRAM,
+        builders,
+        builds,
+        registry,
+        results,
+        servers,
+        user_work,
+    )
 except ModuleNotFoundError as error:
     if error.name != "repo2singularity":
         raise
@@ -20,6 +28,7 @@ except ModuleNotFoundError as error:
     )
 from repo2singularity.repository import redact_url
 from repo2singularity.shared_sifs import PULLED, PUSHED
+from repo2singularity.step import StepError
 
 RESULTS = "results"
 SCRIPTS = "../scripts"
@@ -247,7 +256,15 @@ def get_launch_inputs(wildcards):
             "sif": f"{folder}/{wildcards.name}.sif",
             "checksum": f"{folder}/{wildcards.name}.sif.sha256",
         }
-    return {"sandbox": f"{folder}/sandbox"}
+    return {"unpacked": f"{folder}/sandbox.json"}
+
+
+def get_work_folder(wildcards):
+    """The image's folder for its users' work (`work_dir`), outside every sandbox."""
+    try:
+        return str(user_work.work_folder(config["work_dir"], wildcards.name))
+    except StepError as error:
+        fail(str(error))
 
 
 def get_launch_runtime_args(wildcards):

@@ -15,7 +15,8 @@ rule launch_jupyter:
         runtime=settings.runtime,
         server_log=f"{RESULTS}/{{name}}/{{sha}}/logs/jupyter-server.log",
         # a Slurm launch unpacks it in the server's job; a local one takes unpack_sandbox's
-        sandbox=rules.unpack_sandbox.output.sandbox,
+        sandbox=rules.unpack_sandbox.params.sandbox,
+        work_folder=get_work_folder,
         unpack_log=get_step_log("unpack_sandbox"),
         jupyter_command=settings.jupyter_command,
         timeout=settings.launch_timeout,

@@ -32,6 +32,7 @@ rule prune:
         results=RESULTS,
         keep=settings.keep_sifs,
         names=list(settings.builds),
+        work_dir=config["work_dir"],
     script:
         f"{SCRIPTS}/prune.py"
 

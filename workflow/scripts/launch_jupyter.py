@@ -25,5 +25,7 @@ request = launchers.LaunchRequest(
     log=snakemake.log[0],
     runtime_args=tuple(snakemake.params.runtime_args),
     binds=tuple(snakemake.params.binds),
+    work_folder=snakemake.params.work_folder,
+    receipt=snakemake.input.receipt,
 )
 run_step("launch_jupyter", lambda: servers.launch(launchers.from_config(snakemake.params.launcher), request))

@@ -5,4 +5,4 @@ from repo2singularity.step import run_step
 
 snakemake = globals()["snakemake"]  # put there by the rule's script: directive before this runs
 
-run_step("prune", lambda: prune_with_log(snakemake.params.results, snakemake.params.keep, snakemake.params.names, snakemake.log[0]))
+run_step("prune", lambda: prune_with_log(snakemake.params.results, snakemake.params.keep, snakemake.params.names, snakemake.log[0], snakemake.params.work_dir))

@@ -95,9 +95,10 @@ def exchange(first, second):
     return result == 0
 
 
-def replace_folder(new, target):
-    """Put folder `new` at `target`. An existing `target` is swapped out in one step and removed
-    afterwards, so a kill at any moment leaves the old folder or the new one, never neither."""
+def replace_folder(new, target, dispose=None):
+    """Put folder `new` at `target`. An existing `target` is swapped out in one step and then
+    handed to `dispose` (default: removed), so a kill at any moment leaves the old folder or the
+    new one, never neither."""
     new, target = Path(new), Path(target)
     if not target.exists():
         os.replace(new, target)
@@ -107,7 +108,7 @@ def replace_folder(new, target):
         os.replace(target, old)
         os.replace(new, old.with_name(target.name))
         new = old
-    remove_tree(new)
+    (dispose or remove_tree)(new)
 
 
 class HashingWriter:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import requests
 
+from . import user_work
 from .files import now
 from .steplog import step_log
 
@@ -43,6 +44,7 @@ def server_command(
     jupyter_args=(),
     binds=(),
     unpacked=True,
+    work_folder=None,
 ):
     """`run` keeps the image's entrypoint, so repo2docker's start script runs first; --pwd
     makes the repository the working folder; the token travels in an owner-only env file,
@@ -53,13 +55,17 @@ def server_command(
     the sandbox is the home, as on Binder.
 
     Binds (site scratch, project folders) are "source[:destination[:options]]" as the runtime
-    takes them; in a writable sandbox a destination must already exist in the image.
+    takes them; in a writable sandbox a destination must already exist in the image. The
+    users' work folder comes first, at <working folder>/work (its mount point is made when the
+    sandbox is unpacked): what users keep there outlives every sandbox.
 
     port None leaves out address and port: a Slurm job adds them on its node. Either way the
     server takes that port or ends (port_retries 0). unpacked False: the sandbox is not there
     yet (a Slurm job unpacks it first, then drops a --home it lacks)."""
     sandbox = Path(sandbox).resolve()
     command = [runtime, "run", *runtime_args, "--cleanenv", "--env-file", str(env_file), "--pwd", image["working_folder"]]
+    if work_folder:
+        command += ["--bind", user_work.bind(work_folder, image)]
     for bind in binds:
         command += ["--bind", bind]
     image_home = image.get("home", "")

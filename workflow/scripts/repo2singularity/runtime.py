@@ -6,9 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .files import remove_tree, replace_folder, sha256_file, temporary_sibling
-from .step import StepError
-from .tools import run_logged
+from . import user_work
+from .files import now, remove_tree, replace_folder, sha256_file, temporary_sibling, write_json_atomic
+from .jupyter import note
+from .step import StepError, raise_deferred_signal, signals_deferred
+from .tools import run_logged, say
 
 # measured on the example image (TESTBED.md, bench/): zstd builds about 2x faster than gzip
 PREFERRED_COMPRESSION = "zstd"
@@ -68,15 +70,37 @@ def step_name(conversion, runtime, compression, where=""):
 
 
 def check_sif(sif, checksum):
+    """The SIF's sha256, as its checksum file has it, or StepError when the SIF differs."""
     expected = Path(checksum).read_text().split()[0]
     if sha256_file(sif) != expected:
         raise StepError(f"{sif} does not match its checksum {checksum}; rebuild it with: snakemake --forcerun build_sif")
+    return expected
 
 
-def unpack_sandbox(runtime, sif, checksum, sandbox, log):
+def unpack_sandbox(runtime, sif, checksum, sandbox, log, image, work_folder, record=None):
     """A writable sandbox folder from the SIF, checked against its checksum first; an existing
-    sandbox is swapped for the new one in one step, so there is always one."""
-    check_sif(sif, checksum)
+    sandbox is swapped for the new one in one step, so there is always one. Before that, the
+    files users changed in the old one go to the work folder (`user_work`): a sandbox whose
+    changed files cannot be moved stays as it is, and the unpack fails with one line. `record`:
+    a file that says, once the sandbox is in place, what it was unpacked from (the rule's output)."""
+    digest = check_sif(sif, checksum)
+    sandbox = Path(sandbox)
+    commit = sandbox.parent.name
+
+    def keep(old):
+        kept = user_work.keep_changed(old, work_folder, commit, log=lambda line: note(log, line))
+        if kept:
+            say(f"  unpack_sandbox: the files users changed in the old sandbox are in {kept}")
+
+    def dispose(old):
+        try:
+            keep(old)
+        except StepError:
+            # swapped out already: out of the workspace, which goes, to a name of its own
+            os.replace(old, user_work.set_aside_name(sandbox))
+            raise
+        remove_tree(old)
+
     # the runtime unpacks into a folder of its own beside the destination (build-temp-*), which a
     # killed unpack leaves behind: a private folder around the destination goes with it
     workspace = temporary_sibling(sandbox)
@@ -85,6 +109,16 @@ def unpack_sandbox(runtime, sif, checksum, sandbox, log):
     try:
         run_logged([runtime, "build", "--sandbox", str(partial), str(sif)], log, f"unpack_sandbox ({Path(runtime).name} build --sandbox)")
         os.chmod(partial, 0o755)
-        replace_folder(partial, sandbox)
+        user_work.prepare(partial, image)
+        # a cancel waits until the old sandbox's files are kept: once swapped out, it is in the
+        # workspace, which goes on the way out
+        with signals_deferred():
+            # before the swap, so that a refusal leaves the old sandbox where it was; and again
+            # after it, for what a server still running from it wrote in between
+            keep(sandbox)
+            replace_folder(partial, sandbox, dispose=dispose)
+        raise_deferred_signal()
+        if record:
+            write_json_atomic(record, {"sandbox": str(sandbox.resolve()), "sif_sha256": digest, "work_folder": str(work_folder), "unpacked": now()})
     finally:
         remove_tree(workspace)

@@ -6,7 +6,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from . import launchers
+from . import launchers, user_work
 from .files import write_json_atomic
 from .jupyter import OWNER_ONLY, note, now
 from .steplog import step_log
@@ -48,6 +48,9 @@ def launch(launcher, request):
     """Start a server with `launcher` (replacing the one this folder launched before) and
     record it in launch.json, readable by its owner only."""
     retire_previous(request.connection_file)
+    if request.work_folder:
+        # made here, on the submitting host, for a Slurm job too: the runtime binds only folders that exist
+        user_work.make_work_folder(request.work_folder)
     connection = launcher.launch(request)
     record_launch(request.connection_file, connection)
     note(request.log, f"the server answers at {connection['url']} ({describe(connection)})")

@@ -32,9 +32,9 @@ def sbatch_command(script, job_name, output, workdir, partition="", time_limit="
 
 def job_script(python, entry, node_file, command, unpack=None):
     """A POSIX shell script that hands over to `entry` (workflow/scripts/serve_jupyter.py), which
-    unpacks the sandbox first when `unpack` (runtime, sif, checksum, sandbox, log) is given,
-    picks the address and port on the node (only the node knows which are free) and then
-    becomes the server itself."""
+    unpacks the sandbox first when `unpack` (runtime, sif, checksum, sandbox, log, image receipt,
+    work folder) is given, picks the address and port on the node (only the node knows which
+    are free) and then becomes the server itself."""
     words = [python, entry, node_file, *(["--unpack", *unpack] if unpack else []), "--", *command]
     return (
         "#!/bin/sh\n"

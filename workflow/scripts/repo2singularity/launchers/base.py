@@ -27,10 +27,13 @@ class LaunchRequest:
     log: str | None = None
     runtime_args: tuple = ()
     binds: tuple = ()
+    # the users' work folder of this image (`work_dir`), bound at <working folder>/work
+    work_folder: str | None = None
     # set when the launch unpacks the sandbox itself (a Slurm launch, in the server's job)
     sif: str | None = None
     checksum: str | None = None
     unpack_log: str | None = None
+    receipt: str | None = None
 
     def server_command(self, env_file, port, runtime_args=(), unpacked=True):
         """The runtime's command for this server, with the idle shutdown asked for; `port` None
@@ -47,6 +50,7 @@ class LaunchRequest:
             jupyter_args=culling_arguments(self.jupyter_command, self.idle_timeout),
             binds=self.binds,
             unpacked=unpacked,
+            work_folder=self.work_folder,
         )
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 
-from .. import runtime, slurm
+from .. import runtime, slurm, user_work
 from ..files import write_json_atomic, write_text_atomic
 from ..jupyter import OWNER_ONLY, POLL_SECONDS, create_owner_only, note, now, status, token_file
 from ..processes import alive, free_port, listener_in_tree
@@ -103,14 +103,17 @@ def sandbox_is_current(sandbox, sif):
         return False
 
 
-def unpack_here(runtime_name, sif, checksum, sandbox, log):
-    """The sandbox from the SIF on this node, unless it is there already; seconds it took."""
+def unpack_here(runtime_name, sif, checksum, sandbox, log, receipt, work_folder):
+    """The sandbox from the SIF on this node, unless it is there already (then only the work
+    folder's mount point is made, for a sandbox an older version unpacked); seconds it took."""
     started = time.monotonic()
+    image = json.loads(Path(receipt).read_text())
     if sandbox_is_current(sandbox, sif):
         note(log, f"sandbox {sandbox} is newer than {Path(sif).name}: kept (node {socket.gethostname()})")
+        user_work.ensure_mount_point(sandbox, image)
         return 0.0
     note(log, f"unpacking {Path(sif).name} on node {socket.gethostname()}, in the Jupyter server's Slurm job")
-    runtime.unpack_sandbox(runtime_name, sif, checksum, sandbox, log)
+    runtime.unpack_sandbox(runtime_name, sif, checksum, sandbox, log, image, work_folder)
     return time.monotonic() - started
 
 
@@ -196,7 +199,8 @@ class SlurmLauncher(Launcher):
         script = folder / "jupyter.sbatch"
         unpack = None
         if request.sif:
-            unpack = [request.runtime, *(Path(p).resolve() for p in (request.sif, request.checksum, request.sandbox, request.unpack_log))]
+            paths = (request.sif, request.checksum, request.sandbox, request.unpack_log, request.receipt, request.work_folder)
+            unpack = [request.runtime, *(Path(p).resolve() for p in paths)]
         write_text_atomic(script, slurm.job_script(sys.executable, SERVE_SCRIPT, node_file, command, unpack), mode=0o700)
         submit = slurm.sbatch_command(
             script,
