@@ -56,3 +56,28 @@ def execute(url, token, code, timeout=60):
     finally:
         channel.close()
         api(url, f"api/kernels/{kernel_id}", token, method="DELETE")
+
+
+def contents(connection, path, model=None):
+    """GET a file's model from the server's contents API, or PUT `model` there, as the
+    notebook page does when a user opens or saves it."""
+    url = f"{connection['url']}api/contents/{path}"
+    headers = {"Authorization": f"token {connection['token']}"}
+    if model is None:
+        response = requests.get(url, headers=headers, timeout=10)
+    else:
+        response = requests.put(url, headers=headers, json=model, timeout=10)
+    assert response.status_code in (200, 201), f"{path}: {response.status_code} {response.text[:300]}"
+    return response.json()
+
+
+def edit_notebook(connection, path, text):
+    """Add a markdown cell saying `text` to a notebook, through the server, and save it."""
+    model = contents(connection, path)
+    model["content"]["cells"].append({"cell_type": "markdown", "metadata": {}, "source": text})
+    contents(connection, path, {"type": "notebook", "format": "json", "content": model["content"]})
+
+
+def new_notebook(connection, path, text):
+    notebook = {"cells": [{"cell_type": "markdown", "metadata": {}, "source": text}], "metadata": {}, "nbformat": 4, "nbformat_minor": 4}
+    contents(connection, path, {"type": "notebook", "format": "json", "content": notebook})

@@ -16,7 +16,7 @@ import requests
 from repo2singularity.processes import alive
 
 from .conftest import PROJECT, files_holding, process_tree, processes_running, sif_compression, still_running
-from .jupyter_client import api, execute
+from .jupyter_client import api, contents, edit_notebook, execute, new_notebook
 from .workflow_runner import snakemake
 
 RUNTIME = os.environ.get("R2S_RUNTIME") or "apptainer"
@@ -67,6 +67,8 @@ def launched(example):
 def test_run_prints_how_to_connect_and_where_the_sif_is(launched):
     _, workdir, sha, connection, result = launched
     assert connection["url_with_token"] in result.stdout
+    # issue 19 item 1: where users' work is kept
+    assert f"save your work in work/ (kept in {workdir / 'results' / 'example' / 'work'}, outside the sandbox)" in result.stdout
     # issue 14: the last line names the SIF by a path without a sha, and that path works
     last = result.stdout.strip().splitlines()[-1]
     assert last == f"SIF of example ({sha[:12]}): results/example/latest/example.sif (= results/example/{sha}/example.sif)"
@@ -174,6 +176,42 @@ def test_a_manifest_rows_runtime_options_reach_the_server(launched, tmp_path):
     assert execute(connection["url"], connection["token"], "import os; print(os.environ.get('R2S_FROM_MANIFEST'))") == "yes"
 
 
+
+def kept_copies(work, relative, text):
+    """The copies of `relative` (a path in the container) under work/recovered that hold `text`."""
+    return [path for path in sorted(work.glob(f"recovered/*/{relative}")) if text in path.read_text()]
+
+
+def test_users_work_survives_a_forced_unpack_of_the_same_commit(launched):
+    """Issue 19 item 1: a notebook edited in the sandbox's home, and one saved in work/, are both
+    still there after `unpack_sandbox` reruns and swaps the sandbox: the first under
+    work/recovered/, the second where it was, and the relaunched server shows both."""
+    repo, workdir, sha, *_ = launched
+    connection = current_connection(workdir, sha)
+    work = workdir / "results" / "example" / "work"
+    edit_notebook(connection, "hello.ipynb", "first edit, before the rerun")
+    new_notebook(connection, "work/mine.ipynb", "saved in work/")
+    assert "saved in work/" in (work / "mine.ipynb").read_text(), "work/ is the work folder, bound into the server"
+
+    rerun = snakemake(workdir, "--forcerun", "unpack_sandbox", config=config_for(repo))
+    assert "rule unpack_sandbox" in rerun.stdout + rerun.stderr and "rule launch_jupyter" in rerun.stdout + rerun.stderr
+    assert "the files users changed in the old sandbox are in" in rerun.stderr
+    [kept] = kept_copies(work, "home/jovyan/hello.ipynb", "first edit, before the rerun")
+    assert kept.parents[2].name.startswith(sha[:12] + "-")
+    sandbox_notebook = (result_dir(workdir, sha) / "sandbox" / "home" / "jovyan" / "hello.ipynb").read_text()
+    assert "first edit" not in sandbox_notebook, "the new sandbox holds the image's notebook"
+    assert "saved in work/" in (work / "mine.ipynb").read_text()
+    relaunched = current_connection(workdir, sha)
+    assert relaunched["token"] != connection["token"]
+    assert "saved in work/" in json.dumps(contents(relaunched, "work/mine.ipynb")["content"])
+    recovered = contents(relaunched, f"work/{kept.relative_to(work).as_posix()}")
+    assert "first edit, before the rerun" in json.dumps(recovered["content"])
+    # for the prune at the end of this module: an edit in this sandbox, whose commit goes then
+    edit_notebook(relaunched, "hello.ipynb", "second edit, before the prune")
+    # the server's own runtime files (its token) are never copied out of a sandbox
+    assert not files_holding(connection["token"], work)
+
+
 def test_stop_ends_the_server(launched):
     repo, workdir, sha, *_ = launched
     connection = current_connection(workdir, sha)
@@ -241,6 +279,30 @@ def test_run_killed_during_the_sif_step_resumes_without_rebuilding_the_image(lau
     digest = (folder / "example.sif.sha256").read_text().split()[0]
     assert subprocess.run(["sha256sum", folder / "example.sif"], capture_output=True, text=True).stdout.split()[0] == digest
     assert not list(folder.glob(".example.sif.*partial*"))
+
+
+def test_users_work_survives_a_new_commit_and_a_prune(launched):
+    """Issue 19 item 1, after the new commits above: the newest commit launches with the same
+    work folder, and the prune that removes the older commits' folders moves the edit made in the
+    first commit's sandbox to work/recovered/ first."""
+    repo, workdir, first_sha, *_ = launched
+    work = workdir / "results" / "example" / "work"
+    newest = repo.head()
+    assert newest != first_sha
+    snakemake(workdir, config=config_for(repo))
+    connection = current_connection(workdir, newest)
+    assert "saved in work/" in json.dumps(contents(connection, "work/mine.ipynb")["content"])
+    snakemake(workdir, "stop", config=config_for(repo))
+    assert (result_dir(workdir, first_sha) / "sandbox").is_dir()
+    pruned = snakemake(workdir, "prune", config={**config_for(repo), "keep_sifs": 1})
+    assert not result_dir(workdir, first_sha).exists()
+    assert {p.name for p in (workdir / "results" / "example").iterdir()} == {newest, "latest", "work"}
+    assert f"the files users changed in {result_dir(workdir, first_sha).resolve() / 'sandbox'} are in" in pruned.stderr
+    [kept] = kept_copies(work, "home/jovyan/hello.ipynb", "second edit, before the prune")
+    assert kept.parents[2].name.startswith(first_sha[:12] + "-")
+    assert len(kept_copies(work, "home/jovyan/hello.ipynb", "first edit, before the rerun")) == 1
+    assert "saved in work/" in (work / "mine.ipynb").read_text()
+    assert not files_holding(connection["token"], work)
 
 
 def rules_run(result):

@@ -30,7 +30,7 @@ from repo2singularity.processes import ProcessIdentity
 from repo2singularity.step import StepError
 
 from .conftest import PROJECT, files_holding, process_tree, processes_running, started, still_running
-from .jupyter_client import api, execute
+from .jupyter_client import api, contents, execute, new_notebook
 from .workflow_runner import snakemake
 
 PROFILE = str(PROJECT / "profiles" / "slurm")
@@ -415,6 +415,14 @@ def test_the_jupyter_job_unpacks_the_sandbox_on_its_node_before_it_serves(launch
     assert f"on node {socket.gethostname()}, in the Jupyter server's Slurm job" in log, log
     assert (launched.folder / "sandbox" / "home" / "jovyan").is_dir()
     assert "sandbox ready (unpacked in " in (launched.folder / "logs" / "launch_jupyter.log").read_text()
+
+
+@integration
+def test_a_slurm_server_keeps_users_work_in_the_work_folder(launched, server):
+    """Issue 19 item 1: the job binds the image's work folder as work/, outside the sandbox."""
+    new_notebook(server, "work/on-the-node.ipynb", "saved through a Slurm job's server")
+    assert "saved through a Slurm job's server" in (launched.workdir / "results" / "example" / "work" / "on-the-node.ipynb").read_text()
+    assert "on-the-node.ipynb" in {item["name"] for item in contents(server, "work")["content"]}
 
 
 @integration

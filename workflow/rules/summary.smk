@@ -32,7 +32,8 @@ rule prune:
         results=RESULTS,
         keep=settings.keep_sifs,
         names=list(settings.builds),
-        work_dir=config["work_dir"],
+        # a function: a string's "{name}" would be taken for a wildcard
+        work_dir=lambda wildcards: config["work_dir"],
     script:
         f"{SCRIPTS}/prune.py"
 

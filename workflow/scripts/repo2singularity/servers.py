@@ -52,6 +52,8 @@ def launch(launcher, request):
         # made here, on the submitting host, for a Slurm job too: the runtime binds only folders that exist
         user_work.make_work_folder(request.work_folder)
     connection = launcher.launch(request)
+    if request.work_folder:
+        connection["work_folder"] = str(request.work_folder)
     record_launch(request.connection_file, connection)
     note(request.log, f"the server answers at {connection['url']} ({describe(connection)})")
     return connection
@@ -135,6 +137,8 @@ def connection_message(connection_file):
         f"Jupyter is running ({describe(connection)}) from {connection['sandbox']}",
         f"  open: {connection['url_with_token']}",
     ]
+    if connection.get("work_folder"):
+        lines.append(f"  save your work in work/ (kept in {connection['work_folder']}, outside the sandbox)")
     if connection.get("ssh_tunnel"):
         lines.append(f"  from your own machine: {connection['ssh_tunnel']}, then open {connection['tunnel_url']}")
     if connection.get("idle_timeout"):
