@@ -94,8 +94,7 @@ def test_a_sandbox_without_a_record_has_its_whole_home_kept(tmp_path):
     (tmp_path / "image.json").write_text(json.dumps({"working_folder": "/srv/repo", "home": "/home/jovyan"}))
     (sandbox / "srv" / "repo").mkdir(parents=True)
     (sandbox / "srv" / "repo" / "analysis.ipynb").write_text("{}")
-    kept = user_work.discard(sandbox, tmp_path / "work", COMMIT)
-    assert not sandbox.exists()
+    kept = user_work.keep_changed(sandbox, tmp_path / "work", COMMIT)
     found = sorted(str(p.relative_to(kept)) for p in kept.rglob("*") if p.is_file() or p.is_symlink())
     assert found == ["home/jovyan/.bashrc", "home/jovyan/data/table.csv", "home/jovyan/hello.ipynb", "home/jovyan/link", "srv/repo/analysis.ipynb"]
     assert (kept / "home/jovyan/link").readlink().as_posix() == "/usr/share/doc"
@@ -109,12 +108,24 @@ def test_a_sandbox_whose_changed_files_cannot_be_moved_is_not_removed(tmp_path):
     work.mkdir(mode=0o500)
     try:
         with pytest.raises(StepError) as error:
-            user_work.discard(sandbox, work, COMMIT)
+            user_work.keep_changed(sandbox, work, COMMIT)
     finally:
         work.chmod(0o700)
     assert "could not move the files users changed in" in str(error.value) and "the sandbox was not removed" in str(error.value)
     assert "\n" not in str(error.value)
     assert (sandbox / "home/jovyan/hello.ipynb").read_text() == '{"cells": ["edited"]}'
+
+
+def test_a_home_that_leads_out_of_the_sandbox_is_not_looked_into(tmp_path):
+    outside = tmp_path / "outside" / "jovyan"
+    outside.mkdir(parents=True)
+    (outside / "not-the-sandboxs.txt").write_text("x")
+    sandbox = tmp_path / "sandbox"
+    sandbox.mkdir()
+    (sandbox / "home").symlink_to(outside.parent)
+    assert user_work.changed_files(sandbox) == []
+    assert user_work.keep_changed(sandbox, tmp_path / "work", COMMIT) is None
+    assert (outside / "not-the-sandboxs.txt").exists()
 
 
 def test_an_image_with_a_file_where_the_work_folder_goes_is_refused_in_one_line(tmp_path):

@@ -16,7 +16,6 @@ import stat
 import time
 from pathlib import Path
 
-from .files import remove_tree
 from .step import StepError
 
 # at the sandbox's top: moves with it, and is no file of the image's home
@@ -24,10 +23,10 @@ RECORD = ".repo2singularity-files.json"
 # the work folder's place inside the working folder, where Jupyter's file browser shows it
 WORK_MOUNT = "work"
 RECOVERED = "recovered"
-# made by the server or by running code, not by users; the runtime folder holds the server's
-# token and cookie secret, which must not be copied anywhere
+# made by the server or by running code, not by users; the runtime and security folders hold
+# the server's token, cookie secret and kernels' keys, which must not be copied anywhere
 SKIPPED_NAMES = frozenset({"__pycache__", ".ipynb_checkpoints"})
-SKIPPED_IN_ROOT = (".local/share/jupyter/runtime", ".cache")
+SKIPPED_IN_ROOT = (".local/share/jupyter/runtime", ".ipython/profile_default/security", ".cache")
 # a bind is "source:destination", and a list of them is joined with commas
 FORBIDDEN_IN_PATH = (":", ",")
 
@@ -112,7 +111,8 @@ def scan(sandbox, roots):
     found = {}
     for root in roots:
         top = inside(sandbox, root)
-        if top.is_symlink() or not top.is_dir():
+        # a link on the way (an image's /home -> /var/home) would lead out of the sandbox
+        if not top.is_dir() or top.resolve() != sandbox.resolve() / root.lstrip("/"):
             continue
         for folder, dirs, names in os.walk(top):
             here = Path(folder).relative_to(sandbox).as_posix()
@@ -177,6 +177,8 @@ def keep_changed(sandbox, folder, commit, log=None):
         make_work_folder(folder)
         for relative in changed:
             source, target = sandbox / relative, destination / relative
+            if not os.path.lexists(source):
+                continue  # removed since it was seen (by a server still running): nothing to keep
             target.parent.mkdir(parents=True, exist_ok=True)
             # the image may have made the folder read-only
             os.chmod(source.parent, source.parent.stat().st_mode | 0o700)
@@ -206,10 +208,3 @@ def sandboxes(commit_folder):
     """The sandboxes in a commit's folder: `sandbox`, and old ones set aside beside it."""
     return sorted(p for p in Path(commit_folder).glob("sandbox*") if p.is_dir() and not p.is_symlink() and (p.name == "sandbox" or p.name.startswith("sandbox.old-")))
 
-
-def discard(sandbox, folder, commit, log=None):
-    """Remove a sandbox once the files users changed in it are in the work folder; the folder
-    they went to, or None."""
-    kept = keep_changed(sandbox, folder, commit, log)
-    remove_tree(sandbox)
-    return kept
