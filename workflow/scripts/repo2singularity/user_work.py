@@ -87,7 +87,7 @@ def ensure_mount_point(sandbox, image):
         raise StepError(
             f"the image has a file at {mount_point(image)}, where the work folder is bound; rename it in the repository"
         )
-    destination.mkdir(exist_ok=True)
+    destination.mkdir(parents=True, exist_ok=True)
 
 
 def skipped(relative, roots):
