@@ -88,9 +88,12 @@ def chain(lab, repo, sha, mode, round_number, sif_conversion, against=None):
                "--config", f"repo={repo.path}", "ref=main", "name=bench", f"sif_conversion={sif_conversion}"]
     if mode.startswith("remote"):
         command += ["--configfile", builder_config(lab, workdir)]
+    # the venv's editable install puts this checkout's library ahead of the path Snakemake adds
+    # for a rule's script: the other checkout's library must come first, or both run this one's
+    env = {**os.environ, "PYTHONPATH": str(project / "workflow" / "scripts")} if mode == "remote (against)" else None
     empty_docker_cache(f"r2s-bench:{sha}")
     started = time.monotonic()
-    quiet(command)
+    quiet(command, env=env)
     seconds = time.monotonic() - started
     steps = {}
     for tsv in (workdir / "results").glob("*/*/benchmarks/*.tsv"):
