@@ -251,6 +251,14 @@ def test_preflight_problems_are_one_line_each():
     assert "--version" in ssh_builder.preflight_script(settings, "/w") and "--version" not in ssh_builder.preflight_script(settings, "/w", ("runtime",))
 
 
+def test_image_details_read_from_an_answer_with_a_warning_first():
+    details = [{"Id": "sha256:abc", "Config": {"Labels": {"a": "[b]"}}}]
+    assert ssh_builder.image_details("WARNING: [x] y\n" + json.dumps(details, indent=4)) == details[0]
+    assert ssh_builder.image_details(json.dumps(details)) == details[0]
+    assert ssh_builder.image_details("[]") is None and ssh_builder.image_details(None) is None
+    assert ssh_builder.image_details("Error: No such image: x") is None
+
+
 def test_a_later_step_trusts_only_a_fresh_preflight_of_the_same_settings_that_checked_what_it_needs(tmp_path):
     settings = ssh_settings({"host": "b", "workdir": "~/w"})
     receipt = tmp_path / ssh_builder.PREFLIGHT_RECEIPT
@@ -869,7 +877,8 @@ def test_old_images_go_but_not_one_another_run_still_makes_a_sif_of(lab, tmp_pat
             under_way = session.paths(name, "aaa")["folder"]
             Path(under_way).mkdir(parents=True)
             assert session.transport.existing([under_way, under_way + "-not"]) == {under_way}
-            remote.remove_old_images(session, name, tags[2])
+            listing = ssh_builder.answer(session.ask(listing=ssh_builder.image_listing(tags[2])), "listing")
+            remote.remove_old_images(session, name, tags[2], listing)
         left = subprocess.run(["docker", "image", "ls", "--format", "{{.Tag}}", f"r2s-{name}"], capture_output=True, text=True).stdout.split()
         assert sorted(left) == ["aaa", "ccc"]
         assert "still being made into SIFs: r2s-" in (tmp_path / "log").read_text()

@@ -219,6 +219,23 @@ def run_if_unchanged(script, digest, command):
     )
 
 
+def image_listing(tag):
+    """The question whose answer images_to_remove reads: the images of `tag`'s repository."""
+    return ["docker", "image", "ls", "--format", "{{.CreatedAt}}\t{{.Repository}}:{{.Tag}}", "--", tag.rsplit(":", 1)[0]]
+
+
+def image_details(text):
+    """`docker image inspect`'s answer (ask's, with stderr: a warning may precede the JSON, which
+    starts a line of its own), else None."""
+    lines = (text or "").splitlines(keepends=True)
+    starts = [number for number, line in enumerate(lines) if line.startswith("[")]
+    try:
+        found, _ = json.JSONDecoder().raw_decode("".join(lines[starts[0] :])) if starts else ([], 0)
+        return found[0] if found and isinstance(found[0], dict) else None
+    except (ValueError, IndexError, TypeError):
+        return None
+
+
 def check_tarball_receipt(receipt, found, receipt_path):
     """`found`: {"size"} of the tarball on the builder, with its "sha256" once known, or None
     when it is gone."""
@@ -530,24 +547,29 @@ class SSHBuilder(Builder):
             builder.transport.send_folder(source, paths["source"])
             command = remote_command(repo2docker_command(self.settings.repo2docker, paths["source"], spec))
             builder.docker_step(with_build_slot(command, paths["build_slots"], self.settings.max_builds), "build_image (repo2docker)")
-            details = builder.inspect(spec.tag)
+            # one round trip: the image, the older images of its name, and (the image holds
+            # everything now) the unpacked source removed from the builder
+            found = builder.ask(
+                inspect=["docker", "image", "inspect", "--", spec.tag],
+                removed=["rm", "-rf", "--", paths["source"]],
+                listing=image_listing(spec.tag),
+            )
+            details = image_details(answer(found, "inspect"))
             if details is None:
                 raise StepError(f"repo2docker finished but Docker on builder {self.settings.target.host} has no image {spec.tag}")
-            # the image holds everything now; the unpacked source is not needed on the builder
-            builder.run(["rm", "-rf", "--", paths["source"]])
-            self.remove_old_images(builder, spec.name, spec.tag)
+            self.remove_old_images(builder, spec.name, spec.tag, answer(found, "listing"))
             found = image_receipt(details, spec.tag, spec.user_name, builder.versions["repo2docker"])
             write_json_atomic(receipt, {**found, "builder": self.settings.target.describe()})
             builder.record_preflight(Path(receipt).with_name(PREFLIGHT_RECEIPT))
 
-    def remove_old_images(self, builder, name, tag):
+    def remove_old_images(self, builder, name, tag, listing):
         """The builder keeps the newest `keep_images` images of this name. An image whose chain
         is still under way there (another run's: its work folder exists until its SIF has been
-        fetched) stays, and so does one that cannot go (a container uses it); the log says so."""
+        fetched) stays, and so does one that cannot go (a container uses it); the log says so.
+        `listing`: image_listing's answer, None when it failed."""
         keep = self.settings.keep_images
         repository = tag.rsplit(":", 1)[0]
-        status, listing, _ = builder.run(["docker", "image", "ls", "--format", "{{.CreatedAt}}\t{{.Repository}}:{{.Tag}}", "--", repository])
-        old = images_to_remove(listing, tag, keep) if status == 0 else []
+        old = images_to_remove(listing, tag, keep) if listing is not None else []
         folders = {old_tag: builder.paths(name, old_tag.rsplit(":", 1)[1])["folder"] for old_tag in old}
         under_way = builder.transport.existing(folders.values()) if folders else set()
         if under_way:
