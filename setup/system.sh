@@ -459,7 +459,7 @@ extend_bound_folders() {
 # What the namespace stage mounts onto: made here, once, so that it never writes to ROOTFS.
 prepare_rootfs() {
     local d f
-    for d in $BOUND_FOLDERS /.oldroot; do
+    for d in $BOUND_FOLDERS /.oldroot /.r2s-dev; do
         [ -e "$ROOTFS$d" ] || [ -L "$ROOTFS$d" ] || mkdir -p "$ROOTFS$d"
     done
     for f in /etc/passwd /etc/group /etc/hosts /etc/resolv.conf /etc/subuid /etc/subgid; do
