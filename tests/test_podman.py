@@ -26,7 +26,9 @@ RUNTIME = os.environ.get("R2S_RUNTIME") or "apptainer"
 # any use of Docker by the Podman run fails: its engine is not at this address
 NO_DOCKER = {**os.environ, "DOCKER_HOST": "unix:///nonexistent/docker.sock"}
 # files an apt-get run stamps with its own time: they differ between any two builds
-STAMPED = (b"var/log/", b"var/cache/apt/", b"var/cache/debconf/", b"var/cache/ldconfig/aux-cache", b"var/lib/dpkg/status-old")
+# useradd writes the day of the build into /etc/shadow (the last password change): a layer that
+# one engine cached from an earlier day differs there only
+STAMPED = (b"var/log/", b"var/cache/apt/", b"var/cache/debconf/", b"var/cache/ldconfig/aux-cache", b"var/lib/dpkg/status-old", b"etc/shadow")
 # each run clones the repository itself: git's index and reflog record the clone's times; the
 # labels are compared below
 CLONE_STAMPED = (b"home/jovyan/.git/index", b"home/jovyan/.git/logs/", b".singularity.d/labels.json")
