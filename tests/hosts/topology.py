@@ -128,21 +128,35 @@ class Account:
         return ["setpriv", f"--reuid={self.uid}", f"--regid={self.entry.pw_gid}", "--init-groups", "--", "env", "-i", *words]
 
 
+# Enters a host as `ip netns exec` does (its network namespace, a mount namespace that follows the
+# machine's, /etc/netns/NAME/* bound over /etc) but keeps the machine's /sys: `ip netns exec`
+# mounts a fresh /sys without /sys/fs/cgroup, where slurmd stops, and where a rootless Podman
+# pause process started (by the login host's `setup.sh login` check) leaves every later build of
+# that account, node1's jobs included, with "runc create failed: no cgroup mount found in mountinfo".
+ENTER_HOST = (
+    'for file in "/etc/netns/$0"/*; do [ ! -e "$file" ] || mount --bind "$file" "/etc/${file##*/}" || exit 1; done; '
+    'hostname "$0" && exec "$@"'
+)
+
+
 class Host:
-    """A host of its own: a network namespace, and for every command a UTS namespace with the
-    host's name; `ip netns exec` binds /etc/netns/NAME/* over /etc (hosts, slurm)."""
+    """A host of its own: a network namespace, and for every command a mount namespace with
+    /etc/netns/NAME/* over /etc (hosts, slurm) and a UTS namespace with the host's name."""
 
     def __init__(self, name, address=None):
         self.name = name
         self.address = address
 
     def command(self, argv, user=None, env=None):
-        words = ["ip", "netns", "exec", self.name, "unshare", "--uts", "--", "sh", "-c", 'hostname "$0" && exec "$@"', self.name]
+        words = [*self.entry(), "sh", "-c", ENTER_HOST, self.name]
         if user:
             words += user.prefix(env)
         elif env:
             words += ["env", *(f"{key}={value}" for key, value in env.items())]
         return [*words, *(str(word) for word in argv)]
+
+    def entry(self):
+        return ["nsenter", f"--net=/run/netns/{self.name}", "unshare", "--mount", "--propagation", "slave", "--uts", "--"]
 
     def run(self, argv, user=None, env=None, check=True, **kwargs):
         return run(self.command(argv, user, env), check=check, **kwargs)
@@ -349,15 +363,8 @@ class SlurmCluster:
         self.start_node()
 
     def start_node(self):
-        """slurmd as node1: `ip netns exec` would mount a /sys without /sys/fs/cgroup, which slurmd
-        needs; so only the network namespace is entered, and a mount and UTS namespace of its own
-        get node1's hosts file, slurm.conf and name (TESTBED.md, "A Slurm compute node")."""
-        etc = NETNS_ETC / "node1"
-        script = (
-            "mount --make-rprivate / && mount --bind \"$1/hosts\" /etc/hosts && mount --bind \"$1/slurm\" /etc/slurm "
-            "&& hostname node1 && exec /usr/sbin/slurmd -N node1"
-        )
-        run(["nsenter", "--net=/run/netns/node1", "unshare", "--mount", "--uts", "--", "sh", "-c", script, "sh", etc])
+        """slurmd as node1, entered as every command of a host is (ENTER_HOST), detached."""
+        self.node.run(["/usr/sbin/slurmd", "-N", "node1"])
         self.wait_idle()
 
     def wait_idle(self, timeout=60):
