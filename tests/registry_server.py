@@ -4,6 +4,7 @@ and a server certificate made here), open or with htpasswd (bcrypt) or token aut
 service run here, whose signed tokens the registry checks against the certificate it is given)."""
 
 import base64
+import contextlib
 import datetime
 import ipaddress
 import json
@@ -267,3 +268,12 @@ class RegistryServer:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+@contextlib.contextmanager
+def tls_registry_in(folder, users):
+    """A registry with TLS from a certificate authority of its own, under `folder`: (server, ca)
+    while it runs."""
+    ca = CertificateAuthority(folder / "ca")
+    with RegistryServer(folder / "registry", tls=ca, users=users) as server:
+        yield server, ca

@@ -18,7 +18,7 @@ from repo2singularity.shared_sifs import RECEIPT_ANNOTATION
 
 from .conftest import GitRepo, files_holding
 from .jupyter_client import execute
-from .registry_server import CertificateAuthority, RegistryServer
+from .registry_server import RegistryServer, tls_registry_in
 from .workflow_runner import PROJECT, SNAKEMAKE, last_line, snakemake
 
 pytestmark = pytest.mark.integration
@@ -50,10 +50,8 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tls_registry(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tls-registry")
-    ca = CertificateAuthority(folder / "ca")
-    with RegistryServer(folder / "registry", tls=ca, users={USER: PASSWORD}) as server:
-        yield server, ca
+    with tls_registry_in(tmp_path_factory.mktemp("tls-registry"), {USER: PASSWORD}) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

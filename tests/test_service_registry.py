@@ -18,7 +18,7 @@ from repo2singularity.shared_sifs import RECEIPT_ANNOTATION
 
 from .conftest import GitRepo, files_holding
 from .git_http_server import GitHttpServer
-from .registry_server import CertificateAuthority, RegistryServer, free_port
+from .registry_server import free_port, tls_registry_in
 from .service_server import Client, ProcessServer, add_user, write_settings
 
 pytestmark = pytest.mark.integration
@@ -43,10 +43,8 @@ def repo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tls_registry(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("service-tls-registry")
-    ca = CertificateAuthority(folder / "ca")
-    with RegistryServer(folder / "registry", tls=ca, users={USER: PASSWORD}) as server:
-        yield server, ca
+    with tls_registry_in(tmp_path_factory.mktemp("service-tls-registry"), {USER: PASSWORD}) as running:
+        yield running
 
 
 def registry_client(tls_registry):

@@ -10,6 +10,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import requests
+
 from .topology import (
     ADDRESSES,
     APPTAINER_GROUP,
@@ -240,3 +242,9 @@ def accepted_logins(since, account=BUILD_ACCOUNT, address=ADDRESSES["login"]):
 def log_size():
     log = builder_sshd_log()
     return log.stat().st_size if log.exists() else 0
+
+
+def jupyter_status(url, token=None):
+    """The status code of a Jupyter server's /api/status, asked with `token` or without one."""
+    headers = {"Authorization": f"token {token}"} if token else {}
+    return requests.get(f"{url}api/status", headers=headers, timeout=10).status_code

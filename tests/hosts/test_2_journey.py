@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-import requests
 
 from ..jupyter_client import execute
+from .lab import jupyter_status
 from .topology import ADDRESSES, BUILD_ACCOUNT, LOGIN_ACCOUNT, wait_for
 
 TUNNEL_LINE = re.compile(r"from your own machine: (ssh -N -L \S+ \S+), then open (\S+)")
@@ -71,15 +71,10 @@ def test_the_run_completes_and_prints_the_tunnel(lab, journey):
     assert TUNNEL_LINE.search(journey.result.stdout), journey.result.stdout[-2000:]
 
 
-def status(url, token=None):
-    headers = {"Authorization": f"token {token}"} if token else {}
-    return requests.get(f"{url}api/status", headers=headers, timeout=10).status_code
-
-
 def test_from_the_login_host_it_answers_with_the_token_only(lab, journey):
     connection = journey.connection()
-    assert lab.login.call(status, connection["url"], connection["token"]) == 200
-    assert lab.login.call(status, connection["url"]) == 403
+    assert lab.login.call(jupyter_status, connection["url"], connection["token"]) == 200
+    assert lab.login.call(jupyter_status, connection["url"]) == 403
 
 
 @pytest.fixture(scope="module")

@@ -36,12 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import requests
 
 from ..chromium import Chromium
 from ..git_http_server import GitHttpServer
 from .conftest import DEMO_FILES, Watcher, processes_of
-from .lab import PROJECT, copy_checkout, make_repo
+from .lab import PROJECT, copy_checkout, jupyter_status, make_repo
 from .topology import ADDRESSES, DOMAIN, LAPTOP_LINK, STATE, Account, kill_all, run, wait_for
 
 SERVICE_NAME = f"builder.{DOMAIN}"
@@ -335,15 +334,10 @@ def test_the_journey_builds_on_the_service_and_ends_with_jupyter_on_node1(lab, s
     assert (record["NodeList"], record["UserId"].split("(")[0]) == ("node1", lab.login_account.name), record
 
 
-def status(url, token=None):
-    headers = {"Authorization": f"token {token}"} if token else {}
-    return requests.get(f"{url}api/status", headers=headers, timeout=10).status_code
-
-
 def test_jupyter_answers_the_login_host_with_its_token_only(lab, http_journey):
     connection = http_journey.connection()
-    assert lab.login.call(status, connection["url"], connection["token"]) == 200
-    assert lab.login.call(status, connection["url"]) == 403
+    assert lab.login.call(jupyter_status, connection["url"], connection["token"]) == 200
+    assert lab.login.call(jupyter_status, connection["url"]) == 403
 
 
 def test_the_service_token_stays_on_the_login_host(lab, service, http_journey):

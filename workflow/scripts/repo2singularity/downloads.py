@@ -36,13 +36,44 @@ def resume_offset(partial_size, partial_meta, remote_size, remote_sha256):
     return partial_size
 
 
-def progress_line(name, done, total, started_bytes, elapsed, width=24):
-    """One progress line (a log is no terminal, so a line every few seconds, not a redrawn bar)."""
+def progress_line(name, done, total, started_bytes, elapsed, width=24, verb="download"):
+    """One progress line (a log is no terminal, so a line every few seconds, not a redrawn bar).
+    A total that is only an estimate (a saved image's size) may be passed: the bar stops full."""
     rate = (done - started_bytes) / elapsed if elapsed > 0 else 0.0
-    fraction = done / total if total else 1.0
+    fraction = min(1.0, done / total) if total else 1.0
     bar = "#" * round(width * fraction) + "." * (width - round(width * fraction))
-    left = f", {(total - done) / rate:.0f} s left" if rate > 0 else ""
-    return f"  download {name} [{bar}] {100 * fraction:3.0f}%  {done / 1e6:.1f} of {total / 1e6:.1f} MB, {rate / 1e6:.1f} MB/s{left}"
+    left = f", {max(0, total - done) / rate:.0f} s left" if rate > 0 and total else ""
+    return f"  {verb} {name} [{bar}] {100 * fraction:3.0f}%  {done / 1e6:.1f} of {total / 1e6:.1f} MB, {rate / 1e6:.1f} MB/s{left}"
+
+
+class TransferMeter:
+    """What every transfer here shares, whatever carries its bytes: a progress line every
+    PROGRESS_SECONDS, and the rate limit of RATE_LIMIT_VARIABLE for downloads (a test aid, and a
+    way to share a thin link). `report` takes each line (None: no lines); `done` counts bytes
+    that were there before (a resumed transfer), which the rate leaves out."""
+
+    def __init__(self, verb, name, total, done=0, report=say, limited=True, environ=None):
+        self.verb, self.name, self.total, self.report = verb, name, total, report
+        self.offset = self.done = done
+        self.limit = float((os.environ if environ is None else environ).get(RATE_LIMIT_VARIABLE) or 0) if limited else 0
+        self.started = self.last = time.monotonic()
+
+    def advance(self, count):
+        self.done += count
+        now = time.monotonic()
+        if self.limit:
+            # sleep to stay under the rate, measured from the start of this transfer
+            ahead = (self.done - self.offset) / self.limit - (now - self.started)
+            if ahead > 0:
+                time.sleep(ahead)
+                now = time.monotonic()
+        if self.report and now - self.last >= PROGRESS_SECONDS:
+            self.report(progress_line(self.name, self.done, self.total, self.offset, now - self.started, verb=self.verb))
+            self.last = now
+
+    @property
+    def seconds(self):
+        return time.monotonic() - self.started
 
 
 class Download:
@@ -95,27 +126,16 @@ class Download:
             with open(self.partial, "rb") as handle:
                 while chunk := handle.read(4 << 20):
                     digest.update(chunk)
-        limit = float(os.environ.get(RATE_LIMIT_VARIABLE) or 0)
-        started = last_report = time.monotonic()
+        meter = TransferMeter("download", self.path.name, self.size, done=self.offset, report=self.say)
         with open(self.partial, "r+b" if self.offset else "wb") as handle:
             handle.seek(self.offset)
             handle.truncate()
             with HashingWriter(handle, digest) as target:
 
                 def write(chunk):
-                    nonlocal last_report
                     target.write(chunk)
-                    self.done += len(chunk)
-                    now = time.monotonic()
-                    if limit:
-                        # sleep to stay under the rate, measured from the start of this transfer
-                        ahead = (self.done - self.offset) / limit - (now - started)
-                        if ahead > 0:
-                            time.sleep(ahead)
-                            now = time.monotonic()
-                    if now - last_report >= PROGRESS_SECONDS:
-                        self.say(progress_line(self.path.name, self.done, self.size, self.offset, now - started))
-                        last_report = now
+                    meter.advance(len(chunk))
+                    self.done = meter.done
 
                 yield write
                 self.found = target.finish()

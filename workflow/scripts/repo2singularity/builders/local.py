@@ -6,11 +6,10 @@ import hashlib
 import json
 import os
 import subprocess
-import time
 from pathlib import Path
 
 from .. import runtime
-from ..downloads import PROGRESS_SECONDS
+from ..downloads import CHUNK, TransferMeter
 from ..files import checksum_line, sha256_file, temporary_sibling, write_json_atomic, write_text_atomic
 from ..image import image_missing, image_receipt, repo2docker_command
 from ..step import StepError
@@ -90,21 +89,15 @@ class LocalBuilder(Builder):
         image, details = self.image_to_save(receipt, saved, step)
         partial = temporary_sibling(saved, ".tar")
         digest = hashlib.sha256()
-        written = 0
-        started = last_report = time.monotonic()
-        expected = details.get("Size") or 0
+        # the image's size in the engine: about what the tarball will be
+        meter = TransferMeter("save", image["tag"], details.get("Size") or 0, limited=False)
         try:
             with open(partial, "wb") as target:
                 try:
-                    for chunk in self.engine(step).api.get_image(image["tag"], chunk_size=1 << 20):
+                    for chunk in self.engine(step).api.get_image(image["tag"], chunk_size=CHUNK):
                         target.write(chunk)
                         digest.update(chunk)
-                        written += len(chunk)
-                        now = time.monotonic()
-                        if now - last_report >= PROGRESS_SECONDS:
-                            share = f" of about {expected / 1e6:.0f} MB" if expected else ""
-                            say(f"  {step}: {written / 1e6:.0f} MB{share}, {written / 1e6 / (now - started):.0f} MB/s")
-                            last_report = now
+                        meter.advance(len(chunk))
                 except (docker.errors.DockerException, OSError) as error:
                     if not self.engine_answers():
                         raise self.engine_gone(step) from None
@@ -114,8 +107,8 @@ class LocalBuilder(Builder):
             os.replace(partial, saved)
         finally:
             partial.unlink(missing_ok=True)
-        self.step_log.info(f"saved {image['tag']} to {saved}: {written} bytes, sha256 {digest.hexdigest()}")
-        say(f"  {step}: done in {time.monotonic() - started:.0f} s ({written / 1e6:.0f} MB)")
+        self.step_log.info(f"saved {image['tag']} to {saved}: {meter.done} bytes, sha256 {digest.hexdigest()}")
+        say(f"  {step}: done in {meter.seconds:.0f} s ({meter.done / 1e6:.0f} MB)")
 
     def image_to_save(self, receipt, saved, step):
         """The image `receipt` names and the engine's details of it; StepError when the engine no

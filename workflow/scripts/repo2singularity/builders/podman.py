@@ -24,14 +24,15 @@ import sys
 import tarfile
 import tempfile
 import threading
-import time
 from pathlib import Path
 
+from .. import downloads
+from ..downloads import TransferMeter
 from ..files import sha256_file, temporary_sibling, write_json_atomic
 from ..image import image_receipt, repo2docker_command
 from ..step import StepError
 from ..tools import run_logged, say, tail
-from .local import PROGRESS_SECONDS, LocalBuilder
+from .local import LocalBuilder
 
 # what a full disk looks like in Podman's and repo2docker's output
 DISK_FULL = ("no space left on device", "disk quota exceeded")
@@ -201,15 +202,15 @@ class PodmanBuilder(LocalBuilder):
         step = "save_image (podman save)"
         image, details = self.image_to_save(receipt, saved, step)
         partial = temporary_sibling(saved, ".tar")
-        started = time.monotonic()
-        expected = details.get("Size") or 0
+        # the image's size in the store: about what the tarball will be
+        meter = TransferMeter("save", image["tag"], details.get("Size") or 0, limited=False)
         finished = threading.Event()
 
         def progress():
-            while not finished.wait(PROGRESS_SECONDS):
+            # podman writes the tarball itself: its growth is the transfer
+            while not finished.wait(downloads.PROGRESS_SECONDS):
                 written = partial.stat().st_size if partial.exists() else 0
-                share = f" of about {expected / 1e6:.0f} MB" if expected else ""
-                say(f"  {step}: {written / 1e6:.0f} MB{share}, {written / 1e6 / (time.monotonic() - started):.0f} MB/s")
+                meter.advance(written - meter.done)
 
         threading.Thread(target=progress, daemon=True).start()
         try:
@@ -229,6 +230,7 @@ class PodmanBuilder(LocalBuilder):
         finally:
             partial.unlink(missing_ok=True)
         self.step_log.info(f"saved {image['tag']} to {saved}: {written} bytes, sha256 {digest}")
+        say(f"  {step}: done in {meter.seconds:.0f} s ({written / 1e6:.0f} MB)")
 
     def readiness(self):
         problems = rootless_problems()

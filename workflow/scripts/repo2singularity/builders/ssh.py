@@ -5,6 +5,7 @@ input against its receipt first. The host needs a POSIX shell, coreutils, tar an
 Snakemake, no SFTP, no shared file system."""
 
 import dataclasses
+import functools
 import getpass
 import hashlib
 import json
@@ -195,8 +196,9 @@ def first_word(text):
     return words[0] if words else None
 
 
+@functools.cache
 def conversion_script():
-    """archive_to_sif.py's bytes and full sha256."""
+    """archive_to_sif.py's bytes and full sha256 (read once: build_sif and make_sif both need them)."""
     content = runtime.ARCHIVE_TO_SIF.read_bytes()
     return content, hashlib.sha256(content).hexdigest()
 
@@ -620,13 +622,13 @@ class SSHBuilder(Builder):
         with self.session("build_sif", trust=preflight_receipt) as builder:
             paths = builder.paths(name, sha)
             # each round trip costs a few tens of ms: the small questions go together
-            content, digest = conversion_script()
-            script = conversion_script_path(paths, digest) if self.conversion == "fast" else None
+            script_digest = conversion_script()[1]
+            script = conversion_script_path(paths, script_digest) if self.conversion == "fast" else None
             questions = {"checksum": ["cat", "--", paths["checksum"]], "tarball": ["stat", "-L", "-c", "%s", "--", tarball["path"]]}
             found = builder.ask(**questions, **({"script": ["sha256sum", "--", script]} if script else {}))
             if first_word(answer(found, "checksum")) is None:
                 size = answer(found, "tarball")
-                script_there = first_word(answer(found, "script")) == digest
+                script_there = first_word(answer(found, "script")) == script_digest
                 self.make_sif(builder, paths, tarball, saved, int(size) if size and size.strip().isdigit() else None, script, script_there)
             # the tarball is no longer needed once the SIF exists
             found = builder.ask(checksum=questions["checksum"], removed=["rm", "-f", "--", tarball["path"]], size=["stat", "-L", "-c", "%s", "--", paths["sif"]])

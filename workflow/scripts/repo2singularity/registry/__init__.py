@@ -20,18 +20,16 @@ are used.
 The package: errors, settings (the config's registry settings), credentials (where they are found),
 session (HTTP, auth and retries) and client (lookup, pull, push)."""
 
+from ..downloads import PROGRESS_SECONDS, RATE_LIMIT_VARIABLE
 from .client import (
     EMPTY_CONFIG,
     MANIFEST_TYPE,
     MAX_MANIFEST_BYTES,
-    PROGRESS_SECONDS,
-    RATE_LIMIT_VARIABLE,
     SIF_CONFIG_TYPE,
     SIF_LAYER_TYPE,
     TITLE_ANNOTATION,
     FileSlice,
     Found,
-    Progress,
     RegistryClient,
     push_annotations,
     with_query,
@@ -75,7 +73,6 @@ __all__ = [
     "MAX_MANIFEST_BYTES",
     "MODES",
     "PROGRESS_SECONDS",
-    "Progress",
     "RATE_LIMIT_VARIABLE",
     "READ_TIMEOUT_SECONDS",
     "RETRY_PAUSE_SECONDS",

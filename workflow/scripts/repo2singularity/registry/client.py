@@ -13,7 +13,7 @@ from pathlib import Path
 
 import requests
 
-from ..downloads import CHUNK, CONNECT_TIMEOUT_SECONDS, PROGRESS_SECONDS, RATE_LIMIT_VARIABLE
+from ..downloads import CHUNK, CONNECT_TIMEOUT_SECONDS, TransferMeter
 from ..files import HashingWriter, checksum_line, sha256_file, temporary_sibling, write_text_atomic
 from ..repository import redact_url
 from .errors import DigestMismatchError, RegistryError, UnreachableError
@@ -58,39 +58,19 @@ class Found:
 # ---------------------------------------------------------------- transfers
 
 
-class Progress:
-    """A line on stderr every PROGRESS_SECONDS (a log is no terminal: no redrawn bar), so a
-    small blob prints nothing and a big one tells how far it is and how fast it goes."""
-
-    def __init__(self, verb, label, total, stream):
-        self.verb, self.label, self.total, self.stream = verb, label, total, stream
-        self.started = self.last = time.monotonic()
-
-    def update(self, done):
-        now = time.monotonic()
-        if self.stream is None or now - self.last < PROGRESS_SECONDS:
-            return
-        self.last = now
-        rate = done / (now - self.started)
-        percent = 100 * done / self.total if self.total else 100
-        print(
-            f"  {self.verb} {self.label}: {percent:3.0f}% of {self.total / 1e6:.1f} MB, {rate / 1e6:.1f} MB/s",
-            file=self.stream,
-            flush=True,
-        )
-
-
 class FileSlice(io.RawIOBase):
     """`length` bytes of a file from `offset`, read in chunks: an upload body that requests
     streams (it has a length) instead of reading the file into memory."""
 
-    def __init__(self, path, offset, length, progress=None, done_before=0):
+    def __init__(self, path, offset, length, meter=None):
         self.handle = open(path, "rb")
         self.handle.seek(offset)
         self.left = length
         self.length = length
-        self.progress = progress
-        self.done = done_before
+        self.meter = meter
+        if meter:
+            # a retried upload starts again from where the registry says it has the blob
+            meter.done = offset
 
     def __len__(self):
         return self.length
@@ -107,9 +87,8 @@ class FileSlice(io.RawIOBase):
             return b""
         data = self.handle.read(self.left if size is None or size < 0 else min(size, self.left))
         self.left -= len(data)
-        self.done += len(data)
-        if self.progress:
-            self.progress.update(self.done)
+        if self.meter:
+            self.meter.advance(len(data))
         return data
 
     def close(self):
@@ -143,6 +122,11 @@ class RegistryClient:
         # 0: one PUT per blob; else PATCH chunks of this many bytes (and on a 413 to a PUT)
         self.upload_chunk = upload_chunk
         self.session = RegistrySession(settings, self.environ, connect_timeout, read_timeout, workers)
+
+    def report(self, line):
+        """A transfer's progress line, on the `progress` stream (None: silent)."""
+        if self.progress is not None:
+            print(line, file=self.progress, flush=True)
 
     def close(self):
         self.session.close()
@@ -275,32 +259,25 @@ class RegistryClient:
     def download(self, found, handle):
         repository = self.settings.repository(found.name)
         response = self.session.send("GET", f"/v2/{repository}/blobs/{found.sif_digest}", f"repository:{repository}:pull", stream=True)
-        limit = float(self.environ.get(RATE_LIMIT_VARIABLE) or 0)
-        done = 0
-        progress = Progress("pull", f"{found.name}:{found.sha[:12]}", found.size, self.progress)
+        meter = TransferMeter("pull", f"{found.name}:{found.sha[:12]}", found.size, report=self.report, environ=self.environ)
         with response:
             if response.status_code != 200:
                 raise RegistryError(f"the SIF blob request answered {error_reason(response)}")
-            started = time.monotonic()
             with HashingWriter(handle) as target:
                 try:
                     for chunk in response.iter_content(CHUNK):
                         target.write(chunk)
-                        done += len(chunk)
-                        if done > found.size:
+                        if meter.done + len(chunk) > found.size:
+                            meter.done += len(chunk)
                             break
-                        progress.update(done)
-                        if limit:
-                            ahead = done / limit - (time.monotonic() - started)
-                            if ahead > 0:
-                                time.sleep(ahead)
+                        meter.advance(len(chunk))
                 except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError, requests.exceptions.Timeout) as error:
                     raise UnreachableError(
-                        f"the registry stopped sending at {done / 1e6:.1f} of {found.size / 1e6:.1f} MB "
+                        f"the registry stopped sending at {meter.done / 1e6:.1f} of {found.size / 1e6:.1f} MB "
                         f"({describe_connection_error(error)}); nothing kept, run again"
                     ) from None
-                if done != found.size:
-                    raise DigestMismatchError(f"the SIF blob has {done} bytes, its manifest says {found.size}: refused, nothing kept")
+                if meter.done != found.size:
+                    raise DigestMismatchError(f"the SIF blob has {meter.done} bytes, its manifest says {found.size}: refused, nothing kept")
                 if "sha256:" + target.finish() != found.sif_digest:
                     raise DigestMismatchError(f"the SIF blob does not match its digest {found.sif_digest}: refused, nothing kept")
 
@@ -321,8 +298,8 @@ class RegistryClient:
             layer_digest = "sha256:" + (sif_sha256 or sha256_file(sif))
             config_digest = "sha256:" + hashlib.sha256(EMPTY_CONFIG).hexdigest()
             self.ensure_blob(repository, scope, config_digest, len(EMPTY_CONFIG), lambda offset, length: EMPTY_CONFIG[offset : offset + length])
-            progress = Progress("push", f"{name}:{sha[:12]}", size, self.progress)
-            self.ensure_blob(repository, scope, layer_digest, size, lambda offset, length: FileSlice(sif, offset, length, progress, offset))
+            meter = TransferMeter("push", f"{name}:{sha[:12]}", size, report=self.report, limited=False)
+            self.ensure_blob(repository, scope, layer_digest, size, lambda offset, length: FileSlice(sif, offset, length, meter))
             manifest = {
                 "schemaVersion": 2,
                 "mediaType": MANIFEST_TYPE,
