@@ -37,6 +37,16 @@ class PodmanJourney:
         return self.result.stdout + self.result.stderr
 
 
+def step_logs(folders, most=20):
+    """The lines of each step's log that say error or failed: the cause (Podman's and runc's
+    words) is there, above the traceback that Snakemake's output ends with."""
+    said = []
+    for log in sorted(log for folder in folders for log in (folder / "logs").glob("*.log")):
+        lines = [line for line in log.read_text(errors="replace").splitlines() if re.search(r"error|fail", line, re.IGNORECASE)]
+        said += [f"--- {log}:", *lines[:most]]
+    return "\n".join(said)
+
+
 @pytest.fixture(scope="module")
 def podman_journey(lab):
     run(["bash", "setup/podman.sh", "base", LOGIN_ACCOUNT], cwd=PROJECT, timeout=600)
@@ -48,7 +58,7 @@ def podman_journey(lab):
     with Watcher(lab) as watcher:
         result = lab.as_login(command, check=False, timeout=1800)
     folders = list((lab.checkout / "results").glob(f"*/{sha}"))
-    assert result.returncode == 0 and len(folders) == 1, f"the run failed:\n{result.stdout[-3000:]}\n{result.stderr[-4000:]}"
+    assert result.returncode == 0 and len(folders) == 1, f"the run failed:\n{result.stdout[-3000:]}\n{result.stderr[-4000:]}\n{step_logs(folders)}"
     return PodmanJourney(url, sha, result, watcher, folders[0])
 
 
