@@ -11,7 +11,7 @@
    to its first event (p50, p95), and the service's memory while the 200 streams are open.
 
 Run it as the account that runs the workflow:
-    .venv/bin/python bench/http_builder.py [--chains N] [--repo tiny|example] [--repeat N] [--clients 200]
+    .venv/bin/python -m bench.http_builder [--chains N] [--repo tiny|example] [--repeat N] [--clients 200]
 """
 
 import argparse
@@ -30,15 +30,14 @@ from pathlib import Path
 import psutil
 import yaml
 
+from bench.remote import empty_docker_cache, quiet
+from repo2singularity.builders.http import HTTPBuilderSettings, ServiceClient
+from tests.conftest import GitRepo
+from tests.service_server import Client, ProcessServer, add_user, write_settings
+from tests.test_remote import Sshd, builder_config, keygen
+
 PROJECT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-sys.path.insert(0, str(PROJECT))
-
-from bench.remote import empty_docker_cache, quiet  # noqa: E402
-from repo2singularity.builders.http import HTTPBuilderSettings, ServiceClient  # noqa: E402
-from tests.conftest import GitRepo  # noqa: E402
-from tests.service_server import Client, ProcessServer, add_user, write_settings  # noqa: E402
-from tests.test_remote import Sshd, builder_config, keygen  # noqa: E402
 
 TOKEN_ENV = "R2S_SERVICE_TOKEN"
 
