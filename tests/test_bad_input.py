@@ -59,6 +59,10 @@ def test_wrong_runtime(tmp_path, repo):
     assert_refused(tmp_path, {"repo": repo.path, "runtime": "docker"}, "'runtime'")
 
 
+def test_unknown_builder(tmp_path, repo):
+    assert_refused(tmp_path, {"repo": repo.path, "builder": "docker"}, "builder must be 'local', 'podman' or a mapping with a host, not 'docker'")
+
+
 def test_a_long_ref_is_echoed_cut_short(tmp_path, repo):
     line = assert_refused(tmp_path, {"repo": repo.path, "ref": "-" + "a" * 4999}, "may not start with '-'")
     assert len(line) < 300 and "(5000 characters)" in line

@@ -44,8 +44,11 @@ def fail(message):
 
 try:
     builds.check_no_aliases(config)
+    # a builder the schema's oneOf refuses (builder=docker) stops its defaults-filling validator
+    # with an AttributeError, not a line: named here first
+    builders.kind_of(config)
     validate(config, "../schemas/config.schema.yaml")
-except builds.InvalidInput as error:
+except (builds.InvalidInput, builders.InvalidBuilder) as error:
     fail(str(error))
 except WorkflowError as error:
     fail(builds.describe_validation_error(error))

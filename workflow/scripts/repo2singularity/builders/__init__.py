@@ -15,13 +15,13 @@ for _module in pkgutil.iter_modules(__path__):
 
 def kind_of(config):
     setting = config.get("builder", "local")
-    if setting in (None, "", "local"):
+    if setting in (None, ""):
         return "local"
-    # a kind without settings is named by itself
-    if setting == "podman":
+    if isinstance(setting, str) and getattr(Builder.kinds.get(setting), "named_alone", False):
         return setting
     if not isinstance(setting, dict):
-        raise InvalidBuilder(f"builder must be 'local', 'podman' or a mapping with a host, not {setting!r}")
+        alone = sorted(kind for kind, builder in Builder.kinds.items() if builder.named_alone)
+        raise InvalidBuilder(f"builder must be {', '.join(map(repr, alone))} or a mapping with a host, not {setting!r}")
     return setting.get("kind") or "ssh"
 
 

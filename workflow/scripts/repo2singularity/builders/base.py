@@ -26,6 +26,9 @@ class Builder(ABC):
     # the group they share instead: an executor (Slurm) runs the group as one job on one node,
     # where the image lives between build_image and save_image
     step_group: ClassVar[str | None] = None
+    # a kind with no settings of its own is named by itself (`builder: podman`); the others are
+    # a mapping with their settings and a `kind`
+    named_alone: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

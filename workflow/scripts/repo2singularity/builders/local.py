@@ -19,6 +19,7 @@ from .base import Builder
 
 class LocalBuilder(Builder):
     kind = "local"
+    named_alone = True
     saved_image_file = "image.tar"
     engine_name = "Docker"
 
