@@ -15,6 +15,7 @@ import pytest
 
 from repo2singularity import builders
 from repo2singularity.builders import podman as podman_builder
+from repo2singularity.image import ImageSpec
 from repo2singularity.step import StepError
 from repo2singularity.tools import describe_progress
 
@@ -69,6 +70,32 @@ def test_what_a_rootless_build_lacks_is_one_line_each_naming_who_fixes_it(tmp_pa
     builder = podman_builder.PodmanBuilder({"runtime": RUNTIME, "sif_compression": "auto", "sif_conversion": "fast"}, tmp_path / "log")
     with pytest.raises(StepError, match=r"^build_image \(repo2docker, podman\): podman is not on the PATH"):
         builder.build_image(None, tmp_path, tmp_path / "image.json")
+
+
+def test_a_pause_process_without_cgroups_is_named_in_one_line(tmp_path, monkeypatch):
+    """Seen in the lab (CI of 06a3824): a pause process started under `ip netns exec` made every
+    later build of the account fail in runc, with these words in the step's log."""
+    log = tmp_path / "build_image.log"
+    words = (
+        "STEP 2/8: RUN mkdir -p /srv/lab\n"
+        "error running container: from /usr/bin/runc creating container for [/bin/sh -c mkdir -p /srv/lab]: "
+        'time="2026-12-06T02:47:59Z" level=error msg="runc create failed: no cgroup mount found in mountinfo"\n'
+        ": exit status 1\nTraceback (most recent call last):\n" + "  a frame\n" * 30
+    )
+
+    def failing_build(command, log_path, step, **kwargs):
+        Path(log_path).write_text(words)
+        raise StepError(f"{step} failed (exit 1)")
+
+    monkeypatch.setattr(podman_builder, "run_logged", failing_build)
+    monkeypatch.setattr(podman_builder.PodmanBuilder, "require_rootless", lambda self, step: None)
+    monkeypatch.setattr(podman_builder, "podman", lambda *args: "podman version 4.3.1")
+    builder = podman_builder.PodmanBuilder({"runtime": RUNTIME, "sif_compression": "auto", "sif_conversion": "fast"}, log)
+    spec = ImageSpec("x", "abc", "r2s-x:abc", {}, "jovyan", 1000)
+    with pytest.raises(StepError, match=r"pause process sees no cgroup file system .*`podman system migrate`") as raised:
+        builder.build_image(spec, tmp_path, tmp_path / "image.json")
+    assert "\n" not in str(raised.value) and not (tmp_path / "image.json").exists()
+    assert not podman_builder.pause_without_cgroups(tmp_path / "elsewhere.log")
 
 
 def test_progress_lines_read_podmans_build_steps():

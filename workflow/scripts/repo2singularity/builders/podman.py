@@ -36,6 +36,9 @@ from .local import LocalBuilder
 
 # what a full disk looks like in Podman's and repo2docker's output
 DISK_FULL = ("no space left on device", "disk quota exceeded")
+# runc's words when the account's pause process (which every podman command joins) was started
+# in a mount namespace without /sys/fs/cgroup, e.g. under `ip netns exec`
+NO_CGROUPS = "no cgroup mount found in mountinfo"
 SUBORDINATE_MINIMUM = 65536
 
 
@@ -148,6 +151,10 @@ def disk_full(log):
     return any(sign in tail(log, 40).lower() for sign in DISK_FULL)
 
 
+def pause_without_cgroups(log):
+    return NO_CGROUPS in tail(log, 60)
+
+
 class PodmanBuilder(LocalBuilder):
     kind = "podman"
     saved_image_file = "image.tar"
@@ -191,6 +198,11 @@ class PodmanBuilder(LocalBuilder):
             except StepError:
                 if disk_full(self.log):
                     raise self.store_full(step) from None
+                if pause_without_cgroups(self.log):
+                    raise StepError(
+                        f"{step} failed: {account()}'s Podman pause process sees no cgroup file system (it was started "
+                        "where /sys/fs/cgroup is not mounted); restart it with `podman system migrate` and run again"
+                    ) from None
                 raise
         details = self.inspect(spec.tag, step)
         if details is None:
