@@ -27,7 +27,6 @@ import threading
 from pathlib import Path
 
 from .. import downloads
-from ..downloads import TransferMeter
 from ..files import sha256_file, temporary_sibling, write_json_atomic
 from ..image import image_receipt, repo2docker_command
 from ..step import StepError
@@ -215,7 +214,7 @@ class PodmanBuilder(LocalBuilder):
         image, details = self.image_to_save(receipt, saved, step)
         partial = temporary_sibling(saved, ".tar")
         # the image's size in the store: about what the tarball will be
-        meter = TransferMeter("save", image["tag"], details.get("Size") or 0, limited=False)
+        meter = downloads.TransferMeter("save", image["tag"], details.get("Size") or 0, limited=False)
         finished = threading.Event()
 
         def progress():

@@ -267,10 +267,9 @@ class RegistryClient:
                 try:
                     for chunk in response.iter_content(CHUNK):
                         target.write(chunk)
-                        if meter.done + len(chunk) > found.size:
-                            meter.done += len(chunk)
-                            break
                         meter.advance(len(chunk))
+                        if meter.done > found.size:
+                            break
                 except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError, requests.exceptions.Timeout) as error:
                     raise UnreachableError(
                         f"the registry stopped sending at {meter.done / 1e6:.1f} of {found.size / 1e6:.1f} MB "
